@@ -1,0 +1,1 @@
+"""minifilip: a minimal, educational FILIP (Fine-grained Interactive Language-Image Pre-training)."""
