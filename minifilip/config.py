@@ -1,0 +1,108 @@
+"""FILIPConfig: every size and switch of a FILIP model, with named presets.
+
+    cfg = FILIPConfig.preset("tiny")                      # CPU tutorial size
+    cfg = FILIPConfig.preset("small", loss="clip")        # any field can be overridden
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class FILIPConfig:
+    # --- image tower (ViT) ---
+    image_size: int = 64          # input resolution (square), pixels
+    patch_size: int = 8           # side of one patch; image_size // patch_size patches per side
+    vision_width: int = 128       # transformer width of the image tower
+    vision_layers: int = 4        # number of transformer blocks
+    vision_heads: int = 4         # attention heads (vision_width must divide evenly)
+    # --- text tower (causal, decoder-only transformer) ---
+    vocab_size: int = 1024        # set from the tokenizer; [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3
+    context_length: int = 24      # max tokens per caption, [BOS] and [EOS] included
+    text_width: int = 128         # transformer width of the text tower
+    text_layers: int = 4          # number of transformer blocks
+    text_heads: int = 4           # attention heads
+    # --- shared ---
+    mlp_ratio: float = 4.0        # hidden size of the MLP = mlp_ratio * width
+    dropout: float = 0.0          # dropout on attention weights and residual branches (both towers)
+    embed_dim: int = 256          # shared image-text space each patch / token is projected to (paper: 256)
+    # --- objective ---
+    loss: str = "filip"           # "filip": token-wise late interaction; "clip": image CLS vs text EOS cosine
+    text_special_tokens: bool = False  # let [BOS]/[EOS] take part in late interaction (False: words only)
+    init_temperature: float = 0.07     # initial softmax temperature tau (learned as log(1/tau))
+    max_logit_scale: float = 100.0     # clamp on 1/tau so training cannot blow up
+    token_keep_ratio: float = 1.0      # paper's token selection: keep this fraction of tokens (1.0 = off)
+    cmli_impl: str = "auto"            # late-interaction implementation ("auto", "reference", ...)
+
+    def __post_init__(self):
+        positive = ["image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vocab_size",
+                    "context_length", "text_width", "text_layers", "text_heads", "embed_dim"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"FILIPConfig.{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"FILIPConfig.image_size ({self.image_size}) must be divisible by "
+                             f"patch_size ({self.patch_size})")
+        for tower in ("vision", "text"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            if width % heads:
+                raise ValueError(f"FILIPConfig.{tower}_width ({width}) must be divisible by {tower}_heads ({heads})")
+        if self.vocab_size < 5:
+            raise ValueError(f"FILIPConfig.vocab_size ({self.vocab_size}) must be at least 5 (4 special tokens + 1)")
+        if self.context_length < 3:
+            raise ValueError(f"FILIPConfig.context_length ({self.context_length}) must be at least 3 "
+                             "([BOS], one word, [EOS])")
+        if self.loss not in ("filip", "clip"):
+            raise ValueError(f"FILIPConfig.loss must be 'filip' or 'clip', got {self.loss!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"FILIPConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"FILIPConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not 0.0 < self.init_temperature < 1.0 or 1.0 / self.init_temperature > self.max_logit_scale:
+            raise ValueError(f"FILIPConfig.init_temperature must be in (0, 1) with 1/temperature <= max_logit_scale; "
+                             f"got {self.init_temperature} and {self.max_logit_scale}")
+        if not 0.0 < self.token_keep_ratio <= 1.0:
+            raise ValueError(f"FILIPConfig.token_keep_ratio must be in (0, 1], got {self.token_keep_ratio}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def init_logit_scale(self) -> float:
+        return math.log(1.0 / self.init_temperature)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FILIPConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown FILIPConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "FILIPConfig":
+        """A named size ("tiny", "small", "base"), with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        fields = {**PRESETS[name], **overrides}
+        return cls.from_dict(fields)
+
+
+PRESETS: dict[str, dict] = {
+    # CPU tutorial size: 64 px, 8x8 patches -> 64 patches, ~1.7M parameters; trains in minutes on a laptop.
+    "tiny": dict(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+                 context_length=24, text_width=128, text_layers=4, text_heads=4, embed_dim=256),
+    # One-GPU CC3M size: ViT-S/16 at 224 px (196 patches) and a 6-layer width-384 text tower.
+    "small": dict(image_size=224, patch_size=16, vision_width=384, vision_layers=12, vision_heads=6,
+                  context_length=32, text_width=384, text_layers=6, text_heads=6, embed_dim=256, vocab_size=32000),
+    # The paper's FILIP-base: ViT-B/32 image tower, 12-layer width-512 text tower, context 77, shared dim 256.
+    "base": dict(image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
+                 context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=256, vocab_size=49408),
+}
