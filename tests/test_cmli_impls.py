@@ -1,0 +1,195 @@
+"""Every CMLI implementation against the reference: scores, gradients, memory bound, invalid inputs.
+
+The Triton kernel runs in Triton's CPU interpreter in a subprocess (TRITON_INTERPRET must be set before triton is
+imported, and this pytest process may already have imported it).
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from minifilip.cmli import chunk_plan, late_interaction
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_inputs(I, T, N, M, D, seed, image_mask=True, dtype=torch.float32):
+    """Normalised random tokens; random padding in both masks (>= 1 valid each); text 0 has a single token."""
+    g = torch.Generator().manual_seed(seed)
+    v = F.normalize(torch.randn(I, N, D, generator=g, dtype=torch.float64), dim=-1).to(dtype).requires_grad_()
+    w = F.normalize(torch.randn(T, M, D, generator=g, dtype=torch.float64), dim=-1).to(dtype).requires_grad_()
+    tm = torch.rand(T, M, generator=g) < 0.6
+    tm[torch.arange(T), torch.randint(0, M, (T,), generator=g)] = True
+    tm[0] = False
+    tm[0, M // 2] = True  # a text of one token, not at position 0
+    im = None
+    if image_mask:
+        im = torch.rand(I, N, generator=g) < 0.7
+        im[torch.arange(I), torch.randint(0, N, (I,), generator=g)] = True
+    return v, w, tm, im
+
+
+def scores_and_grads(v, w, tm, im, impl, seed=123, **options):
+    """(s_i2t, s_t2i, dV, dW) for a random upstream gradient on both score matrices."""
+    s_i2t, s_t2i = late_interaction(v, w, tm, im, impl=impl, **options)
+    g = torch.Generator().manual_seed(seed)
+    gi, gt = torch.randn(s_i2t.shape, generator=g), torch.randn(s_t2i.shape, generator=g)
+    dv, dw = torch.autograd.grad((s_i2t * gi).sum() + (s_t2i * gt).sum(), [v, w])
+    return s_i2t, s_t2i, dv, dw
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+SIZES = [(7, 5, 13, 6, 8), (4, 9, 3, 11, 16), (1, 1, 5, 1, 4)]  # N != M, N < M, single pair
+
+
+@pytest.mark.parametrize("I,T,N,M,D", SIZES)
+@pytest.mark.parametrize("image_mask", [True, None])
+@pytest.mark.parametrize("impl,options", [
+    ("chunked", {"max_chunk_bytes": 4 * 13 * 6 * 3}),  # 3 pairs per chunk: divides neither I nor T
+    ("chunked", {"max_chunk_bytes": 1, "backward": "recompute"}),  # one pair per chunk
+    ("chunked", {}),  # default budget: one chunk
+    ("auto", {}),  # CPU -> chunked
+])
+def test_matches_reference(I, T, N, M, D, image_mask, impl, options):
+    v, w, tm, im = make_inputs(I, T, N, M, D, seed=I * 100 + N, image_mask=image_mask)
+    ref = scores_and_grads(v, w, tm, im, "reference")
+    out = scores_and_grads(v, w, tm, im, impl, **options)
+    for name, o, r in zip(["s_i2t", "s_t2i", "dV", "dW"], out, ref):
+        assert o.shape == r.shape and o.dtype == r.dtype, name
+        assert rel_err(o, r) <= 1e-5, (name, rel_err(o, r))
+
+
+def test_chunked_one_direction_gradient():
+    """Only s_i2t used: the Function then gets None for s_t2i's gradient, which must count as zero."""
+    v, w, tm, im = make_inputs(5, 6, 7, 4, 8, seed=3)
+    ref = torch.autograd.grad(late_interaction(v, w, tm, im, impl="reference")[0].sum(), [v, w])
+    out = torch.autograd.grad(late_interaction(v, w, tm, im, impl="chunked", max_chunk_bytes=200)[0].sum(), [v, w])
+    assert all(rel_err(o, r) <= 1e-5 for o, r in zip(out, ref))
+
+
+@pytest.mark.parametrize("backward", ["indices", "recompute"])
+def test_chunked_gradcheck_float64(backward):
+    v, w, tm, im = make_inputs(3, 4, 5, 3, 4, seed=7, dtype=torch.float64)
+    fn = lambda v, w: late_interaction(v, w, tm, im, impl="chunked", max_chunk_bytes=4 * 5 * 3 * 5,  # noqa: E731
+                                       backward=backward)
+    assert torch.autograd.gradcheck(fn, (v, w), eps=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------- memory
+class LargestTensor(TorchDispatchMode):
+    """Records the byte size of the largest tensor any ATen op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.max_bytes = max(self.max_bytes, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("backward", ["indices", "recompute"])
+def test_chunked_never_exceeds_budget(backward):
+    I, T, N, M, D = 16, 16, 12, 9, 4
+    budget = 8 * 2**10  # the full fp32 score tensor is 110 KB, 13x the budget
+    v, w, tm, im = make_inputs(I, T, N, M, D, seed=11)
+    assert 4 * I * T * N * M > 10 * budget
+    ci, ct = chunk_plan(I, T, N, M, budget)
+    assert ci * ct * 4 * N * M <= budget and (ci, ct) != (I, T)
+
+    with LargestTensor() as ref_mode:  # the recorder does see a whole score tensor when there is one
+        scores_and_grads(v, w, tm, im, "reference")
+    assert ref_mode.max_bytes >= 4 * I * T * N * M
+
+    with LargestTensor() as mode:
+        out = scores_and_grads(v, w, tm, im, "chunked", max_chunk_bytes=budget, backward=backward)
+    assert budget / 4 < mode.max_bytes <= budget, mode.max_bytes
+    ref = scores_and_grads(v, w, tm, im, "reference")
+    assert all(rel_err(o, r) <= 1e-5 for o, r in zip(out, ref))
+
+
+# ------------------------------------------------------------------------------------------------- triton
+TRITON_SCRIPT = textwrap.dedent("""
+    import os, sys
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    from tests.test_cmli_impls import make_inputs, scores_and_grads, rel_err
+    from minifilip.kernels import cmli_triton
+    assert cmli_triton.INTERPRET
+    for cfg in cmli_triton.CONFIG.values():  # tiny tiles: several row chunks + a tail, several text blocks
+        cfg.update({k: 16 for k in ("BLOCK_N", "BLOCK_D", "BLOCK_DV", "BLOCK_DW") if k in cfg}, BT=2)
+    worst = 0.0
+    for (I, T, N, M, D, mask) in [(3, 5, 37, 6, 24, True), (2, 3, 11, 1, 8, None), (2, 3, 20, 17, 16, True)]:
+        v, w, tm, im = make_inputs(I, T, N, M, D, seed=N, image_mask=mask)
+        ref = scores_and_grads(v, w, tm, im, "reference")
+        out = scores_and_grads(v, w, tm, im, "triton")
+        errs = [rel_err(o, r) for o, r in zip(out, ref)]
+        print((I, T, N, M, D, mask), errs)
+        worst = max(worst, *errs)
+    print("worst", worst)
+    sys.exit(0 if worst <= 1e-5 else 1)
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_kernel_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(ROOT)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    if proc.returncode != 0 and "No module named 'triton'" in proc.stderr:
+        pytest.skip("Triton cannot be imported")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+def test_triton_on_cpu_without_interpreter_is_refused():
+    from minifilip.kernels import TRITON_AVAILABLE, cmli_triton
+    if TRITON_AVAILABLE and cmli_triton.INTERPRET:
+        pytest.skip("this process runs Triton's interpreter")
+    v, w, tm, im = make_inputs(2, 2, 3, 3, 4, seed=0)
+    with pytest.raises(ValueError, match="triton"):
+        late_interaction(v, w, tm, im, impl="triton")
+
+
+# ------------------------------------------------------------------------------------------- invalid inputs
+@pytest.mark.parametrize("impl", ["reference", "chunked", "auto"])
+def test_invalid_inputs_raise(impl):
+    v, w, tm, im = make_inputs(3, 4, 5, 6, 8, seed=1)
+    empty = tm.clone()
+    empty[2] = False
+    with pytest.raises(ValueError, match="no valid token"):
+        late_interaction(v, w, empty, im, impl=impl)
+    no_patch = im.clone()
+    no_patch[1] = False
+    with pytest.raises(ValueError, match="no valid patch"):
+        late_interaction(v, w, tm, no_patch, impl=impl)
+    with pytest.raises(ValueError, match="embedding dims"):
+        late_interaction(v, w[..., :4], tm, im, impl=impl)
+    with pytest.raises(ValueError, match="3-D"):
+        late_interaction(v[0], w, tm, im, impl=impl)
+    with pytest.raises(ValueError, match="text_mask"):
+        late_interaction(v, w, tm[:, :3], im, impl=impl)
+    with pytest.raises(ValueError, match="image_mask"):
+        late_interaction(v, w, tm, im[:2], impl=impl)
+
+
+def test_unknown_impl_and_option_raise():
+    v, w, tm, im = make_inputs(2, 2, 3, 3, 4, seed=0)
+    with pytest.raises(ValueError, match="unknown late-interaction impl"):
+        late_interaction(v, w, tm, im, impl="fastest")
+    with pytest.raises(ValueError, match="backward"):
+        late_interaction(v, w, tm, im, impl="chunked", backward="magic")
