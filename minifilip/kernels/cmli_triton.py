@@ -258,14 +258,12 @@ def cmli_forward(v: torch.Tensor, w: torch.Tensor, imask: torch.Tensor, tmask: t
     return s_i2t, s_t2i, idx_i2t, idx_t2i, inv_ni, inv_mj
 
 
-def cmli_backward(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb):
-    """dV (I, N, D), dW (T, M, D) in the input dtype, from ga = g_i2t / n_valid_patches and gb = g_t2i / n_valid_tokens."""
+def cmli_backward_v(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb):
+    """dV (I, N, D) in the input dtype, from ga = g_i2t / n_valid_patches and gb = g_t2i / n_valid_tokens."""
     I, N, D = v.shape
     T, M, _ = w.shape
     MP = _pow2(M, 1)
     dv = torch.empty_like(v)
-    dw = torch.empty_like(w)
-
     cfg = CONFIG["bwd_v"]
     BT = max(cfg["BT"], 16 // MP) if MP < 16 else cfg["BT"]
     BLOCK_N = min(cfg["BLOCK_N"], _pow2(N))
@@ -275,7 +273,15 @@ def cmli_backward(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb):
     _cmli_bwd_v_kernel[grid](w, imask, tmask, idx_i2t, idx_t2i, ga, gb, dv, N, T, M,
                              D=D, BLOCK_N=BLOCK_N, N_FULL=n_full, TAIL_N=tail, BT=BT, MP=MP, BLOCK_DV=BLOCK_DV,
                              PREC=_prec(v.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dv
 
+
+def cmli_backward_w(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb):
+    """dW (T, M, D) in the input dtype; same arguments as cmli_backward_v."""
+    I, N, D = v.shape
+    T, M, _ = w.shape
+    MP = _pow2(M, 1)
+    dw = torch.empty_like(w)
     cfg = CONFIG["bwd_w"]
     BT = max(cfg["BT"], 16 // MP) if MP < 16 else cfg["BT"]
     BLOCK_N = min(cfg["BLOCK_N"], _pow2(N))
@@ -285,7 +291,13 @@ def cmli_backward(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb):
     _cmli_bwd_w_kernel[grid](v, imask, tmask, idx_i2t, idx_t2i, ga, gb, dw, I, N, T, M,
                              D=D, BLOCK_N=BLOCK_N, N_FULL=n_full, TAIL_N=tail, BT=BT, MP=MP, BLOCK_DW=BLOCK_DW,
                              PREC=_prec(v.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return dv, dw
+    return dw
+
+
+def cmli_backward(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb):
+    """(dV, dW): two kernels, one per input, each rebuilding its tiles of the sparse score gradient."""
+    return (cmli_backward_v(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb),
+            cmli_backward_w(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb))
 
 
 class TritonLateInteraction(torch.autograd.Function):
