@@ -1,0 +1,82 @@
+"""train_small.py end to end in a subprocess: outputs, resume, and clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+FAST = ["--steps", "4", "--batch-size", "8", "--val-size", "16", "--log-every", "1", "--save-every", "2",
+        "--warmup", "1"]
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_small.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+@pytest.mark.parametrize("loss", ["filip", "clip"])
+def test_runs_and_writes_all_outputs(tmp_path, loss):
+    out = tmp_path / "run"
+    proc = run(*FAST, "--loss", loss, "--out", str(out))
+    assert {"checkpoint.pt", "metrics.jsonl", "loss.png", "final.json"} <= set(os.listdir(out))
+    final = json.loads((out / "final.json").read_text())
+    assert set(final["val"]) >= {"i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "chance_R@1", "n"}
+    assert final["val"]["n"] == 16 and final["loss"] == loss and final["preset"] == "tiny"
+    assert "train_seconds" in final and "image -> text" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["config"]["loss"] == loss and ckpt["tokenizer"]["itos"][0] == "[PAD]"
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    out = tmp_path / "run"
+    run(*FAST, "--out", str(out))
+    proc = run("--resume", str(out), "--steps", "6")
+    assert "resuming" in proc.stdout and "at step 4/6" in proc.stdout
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    """4 steps, then 2 more from the checkpoint == 6 steps straight (same data, same optimizer state)."""
+    run(*FAST, "--steps", "6", "--out", str(tmp_path / "straight"))
+    proc = run(*FAST, "--steps", "6", "--out", str(tmp_path / "split"), "--stop-at", "4")
+    assert "stopped at step 4/6" in proc.stdout and not (tmp_path / "split" / "final.json").exists()
+    run("--resume", str(tmp_path / "split"))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be positive"),
+    (["--batch-size", "1"], "at least 2"),
+    (["--preset", "huge"], "invalid choice"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--token-keep-ratio", "1.5"], "token_keep_ratio"),
+    (["--resume", "/nonexistent/run"], "no checkpoint"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--lr", "-1"], "error"),
+])
+def test_bad_flags_give_one_line_errors(args, message):
+    proc = run(*args, check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_help_explains_flags():
+    out = run("--help").stdout
+    for flag in ("--preset", "--loss", "--steps", "--batch-size", "--lr", "--seed", "--device", "--precision",
+                 "--out", "--resume"):
+        assert flag in out
