@@ -1,0 +1,50 @@
+"""Image transforms for real photos: the paper's training augmentation and a plain evaluation resize.
+
+FILIP trains with random resized crops plus AutoAugment (Sec. 4 of the paper); evaluation uses the usual
+resize of the shorter side + center crop. Both end with CLIP's normalisation, the same constants the built-in
+dataset uses, so a checkpoint is interchangeable between sources.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision import transforms as T
+
+from .builtin import CLIP_MEAN, CLIP_STD
+
+# smallest crop area as a fraction of the image: CLIP-style (0.9-1.0) keeps objects whole, ImageNet-style (0.08)
+# often cuts away what the caption talks about; half the image is a middle ground for captioned photos
+TRAIN_CROP_SCALE = (0.5, 1.0)
+
+
+def normalize() -> T.Compose:
+    """PIL RGB -> float (3, H, W) tensor, CLIP-normalised."""
+    return T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def train_transform(image_size: int, autoaugment: bool = True, scale=TRAIN_CROP_SCALE) -> T.Compose:
+    """RandomResizedCrop + (optionally) AutoAugment with the ImageNet policy + normalisation."""
+    steps = [T.RandomResizedCrop(image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)]
+    if autoaugment:
+        steps.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
+    return T.Compose(steps + [normalize()])
+
+
+def eval_transform(image_size: int) -> T.Compose:
+    """Resize the shorter side to image_size, center crop, normalise: deterministic."""
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size),
+                      normalize()])
+
+
+def draft_side_for(image_size: int, train: bool) -> int:
+    """How small a JPEG may be decoded (see decode_image's draft_side) without losing detail the crop needs:
+    a random crop of area fraction scale[0] must still cover image_size pixels per side."""
+    if not train:
+        return image_size
+    return int(image_size / TRAIN_CROP_SCALE[0] ** 0.5) + 1
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of normalize() for looking at a batch: (..., 3, H, W) -> values in [0, 1]."""
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
