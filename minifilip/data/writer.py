@@ -60,7 +60,7 @@ class ShardWriter:
         add_member(self.tar, f"{key}.{ext}", image)
         add_member(self.tar, f"{key}.txt", caption if isinstance(caption, bytes) else caption.encode("utf-8"))
         for i, extra in enumerate(extra_captions, start=1):
-            add_member(self.tar, f"{key}.{i}.txt", extra.encode("utf-8"))
+            add_member(self.tar, f"{key}.{i}.txt", extra if isinstance(extra, bytes) else extra.encode("utf-8"))
         if meta is not None:
             add_member(self.tar, f"{key}.json", json.dumps({"key": key, **meta}).encode("utf-8"))
         self.index += 1
