@@ -10,7 +10,10 @@ Both matrices are indexed [image, text]. They are *not* transposes of each other
 it is set to -inf before a max and left out of a mean. The image CLS token is never passed in here.
 
 `late_interaction_reference` is the readable version that materialises the whole (I, T, N, M) score tensor;
-it is the ground truth every faster implementation is tested against.
+it is the ground truth every faster implementation is tested against. `late_interaction(..., impl=...)` picks one:
+"chunked" (PyTorch, one bounded chunk of scores at a time, arg-max backward), "triton" (fused kernel in
+minifilip/kernels/cmli_triton.py: scores never leave the chip) or "auto". `select_tokens` is FILIP's token
+selection, run before CMLI to keep each image's and text's most informative tokens.
 """
 from __future__ import annotations
 
@@ -238,7 +241,9 @@ def late_interaction(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text
     max_chunk_bytes, backward), "triton" (fused CUDA kernel) or "auto" (triton on CUDA when available, else chunked).
     """
     if impl == "auto":
-        impl = "triton" if image_tokens.device.type == "cuda" and _triton_usable(image_tokens.device) else "chunked"
+        fused_ok = (image_tokens.device.type == "cuda" and image_tokens.dtype == text_tokens.dtype
+                    and image_tokens.dtype in (torch.float32, torch.float16, torch.bfloat16))
+        impl = "triton" if fused_ok and _triton_usable(image_tokens.device) else "chunked"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown late-interaction impl {impl!r}; choose from {['auto', *IMPLEMENTATIONS]}")
     return IMPLEMENTATIONS[impl](image_tokens, text_tokens, text_mask, image_mask, **options)
