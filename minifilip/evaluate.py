@@ -1,0 +1,212 @@
+"""Evaluate checkpoints side by side: retrieval, zero-shot with prompt ensembles, and the pointing game.
+
+    python -m minifilip.evaluate --checkpoint runs/filip/checkpoint.pt --checkpoint runs/clip/checkpoint.pt \\
+        [--data builtin|LIST.tsv] [--n 1000] [--json out.json] [--figures DIR]
+
+Everything is scored with each model's own similarity: FILIP late interaction (image->text ranking uses s_i2t,
+text->image ranking uses s_t2i, as in training) or, for a CLIP-trained model, the CLS/EOS cosine. The pointing
+game always reads both towers at granularity "tokens": it asks whether word and patch tokens align, which only
+FILIP trains for.
+
+    retrieval   R@1/5/10 both ways over n pairs (built-in val split, or any minifilip.data source). Identical captions count as the same answer, ties pessimistic.
+    zero-shot   built-in single-object val scenes, classes = the 6 shapes and the 6 colours; prompt ensemble over
+                templates, averaging similarities (FILIP, "sim") or averaging embeddings (CLIP-style, "emb").
+    pointing    built-in val scenes: does each colour/shape word's top patch overlap its object? (+ chance level)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from . import pointing, zeroshot
+from .checkpoint import load_model
+from .data.builtin import builtin_val_pairs
+from .data.grounded import render_scene
+from .metrics import retrieval_metrics
+
+RETRIEVAL_RULE = "identical captions count as the same answer; ties ranked pessimistically"
+FIGURE_SCENES = 3  # figures for the first 3 val scenes with two or more objects
+
+
+@torch.no_grad()
+def retrieval(model, tokenizer, images: torch.Tensor, captions: list[str], batch_size: int = 256,
+              ks=(1, 5, 10)) -> dict:
+    """R@k image->text and text->image for n matched pairs, scored with the model's own similarity.
+
+    Encoding runs in batches and scoring in blocks of 64 images (the chunked CMLI bounds each block's memory), so
+    5k x 5k fits: the encoded tokens are 5000 x 64 x 256 floats per side, the score matrices 5000 x 5000.
+    """
+    model.eval()
+    img = zeroshot.encode_images(model, images, batch_size)
+    txt = zeroshot.encode_texts(model, tokenizer, captions, batch_size)
+    s_i2t, s_t2i = model.pairwise_scores(*img, *txt)  # (n, n) each
+    return retrieval_metrics(s_i2t, s_t2i, captions, ks=ks)
+
+
+def source_pairs(spec: str, n: int, image_size: int):
+    """First n good (image, caption) pairs of any minifilip.data source (TSV/CSV list, shards, img2dataset files)."""
+    from .data.sources import load_pairs
+    images, captions, _keys, _counts = load_pairs(spec, n, image_size)
+    return images, captions
+
+
+def figure_scenes(image_size: int, count: int):
+    """(index, scene) of the first `count` val scenes with two or more objects: fixed, so figures compare."""
+    out, i = [], 0
+    while len(out) < count:
+        sc = render_scene(0, "val", i, image_size)
+        if len(sc.objects) >= 2:
+            out.append((i, sc))
+        i += 1
+    return out
+
+
+def write_figures(model, tokenizer, name: str, folder: str) -> list[str]:
+    """Fig. 4 view + heatmaps for the fixed val scenes; grounded words (colour, shape) highlighted."""
+    from . import visualize
+    paths = []
+    for i, sc in figure_scenes(model.config.image_size, FIGURE_SCENES):
+        highlight = sorted(g.token_index for g in sc.groundings[0])
+        title = f"{name} ({model.config.loss}), val scene {i}"
+        paths += visualize.render(model, tokenizer, sc.image, sc.captions[0],
+                                  os.path.join(folder, f"{name}_scene{i}.png"), "both", highlight, title)
+    return paths
+
+
+def evaluate_checkpoint(path: str, name: str, args) -> dict:
+    """Every metric of one checkpoint, as a flat dict (the JSON entry); `name` labels its column and figures."""
+    model, tokenizer, ckpt = load_model(path)
+    model.to(args.device)
+    cfg = model.config
+    row = {"checkpoint": path, "name": name, "loss": cfg.loss, "token_keep_ratio": cfg.token_keep_ratio,
+           "step": ckpt.get("step"), "data": args.data, "retrieval_rule": RETRIEVAL_RULE}
+    if args.data == "builtin":
+        images, captions, scenes = builtin_val_pairs(args.n, cfg.image_size)
+    else:
+        (images, captions), scenes = source_pairs(args.data, args.n, cfg.image_size), None
+    r = retrieval(model, tokenizer, images, captions, args.batch_size)
+    row.update({f"retrieval_{k}": v for k, v in r.items()})
+    ensembles = ["similarity", "embedding"] if args.ensemble == "both" else [args.ensemble]
+    templates = zeroshot.TEMPLATE_SETS[args.templates]
+    tasks = {}
+    if args.zeroshot_dir:
+        tasks["folder"] = zeroshot.image_folder(args.zeroshot_dir, cfg.image_size)
+    else:
+        tasks.update({t: zeroshot.builtin_zeroshot_data(t, args.n_zeroshot, cfg.image_size)
+                      for t in zeroshot.BUILTIN_TASKS})
+    for task, (zs_images, labels, names) in tasks.items():
+        for ens in ensembles:
+            z = zeroshot.zero_shot(model, tokenizer, zs_images, labels, names, templates, ens, args.direction,
+                                   args.batch_size, warn=ens == ensembles[0])
+            row[f"zeroshot_{task}_{ens}"] = z["acc"]
+            row[f"zeroshot_{task}_chance"] = z["chance"]
+            row[f"zeroshot_{task}_n"] = z["n"]
+    if scenes is not None:
+        row.update(pointing.pointing_game(model, tokenizer, scenes, batch_size=args.batch_size))
+        row["pointing_rule"] = pointing.INSIDE_RULE
+    if args.figures:
+        row["figures"] = write_figures(model, tokenizer, name, args.figures)
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One column per checkpoint, one line per metric (only metrics some checkpoint has)."""
+    lines = [("retrieval (n={n}) image->text R@1 / R@5 / R@10", ["retrieval_i2t_R@1", "retrieval_i2t_R@5",
+                                                                  "retrieval_i2t_R@10"]),
+             ("retrieval text->image R@1 / R@5 / R@10", ["retrieval_t2i_R@1", "retrieval_t2i_R@5",
+                                                         "retrieval_t2i_R@10"]),
+             ("retrieval chance R@1", ["retrieval_chance_R@1"])]
+    for task in ("shape", "color", "folder"):
+        for ens, label in (("similarity", "mean of similarities"), ("embedding", "mean of embeddings")):
+            lines.append((f"zero-shot {task}, {label} (chance {{{task}_chance}})", [f"zeroshot_{task}_{ens}"]))
+    lines += [("pointing game, all words (chance)", ["pointing_acc", "pointing_chance"]),
+              ("pointing game, colour words (chance)", ["pointing_acc_color", "pointing_chance_color"]),
+              ("pointing game, shape words (chance)", ["pointing_acc_shape", "pointing_chance_shape"]),
+              ("pointing game, scenes with 2-3 objects (chance)", ["pointing_acc_multi", "pointing_chance_multi"]),
+              ("pointing game: top patch on any object", ["pointing_on_any_object"])]
+    fmt = {"n": rows[0].get("retrieval_n"), **{f"{t}_chance": f"{rows[0].get(f'zeroshot_{t}_chance', 0):.3f}"
+                                              for t in ("shape", "color", "folder")}}
+    out = ["| metric | " + " | ".join(f"{r['name']} ({r['loss']})" for r in rows) + " |",
+           "|---|" + "---|" * len(rows)]
+    for label, keys in lines:
+        if not any(k in r for r in rows for k in keys):
+            continue
+        cells = []
+        for r in rows:
+            vals = [f"{r[k]:.3f}" if k in r else "-" for k in keys]
+            cells.append(vals[0] + (f" ({vals[1]})" if "chance" in keys[-1] and len(vals) == 2
+                                    else "".join(" / " + v for v in vals[1:])))
+        out.append(f"| {label.format(**fmt)} | " + " | ".join(cells) + " |")
+    out.append(f"\nretrieval: {RETRIEVAL_RULE}.")
+    if any("pointing_acc" in r for r in rows):
+        out.append(f"pointing game: {pointing.INSIDE_RULE}.")
+    return "\n".join(out)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m minifilip.evaluate", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="checkpoint.pt to evaluate; repeat to compare several side by side")
+    p.add_argument("--data", default="builtin", help="'builtin' (grounded shapes val split) or any minifilip.data "
+                   "source: a TSV list (columns filepath, title), tar shards, an img2dataset folder (retrieval only; "
+                   "pointing needs the built-in ground truth)")
+    p.add_argument("--n", type=int, default=1000, help="retrieval pairs / pointing-game scenes")
+    p.add_argument("--n-zeroshot", type=int, default=300, help="single-object val scenes per zero-shot task")
+    p.add_argument("--zeroshot-dir", default=None, help="ImageFolder-style directory (one sub-folder per class) "
+                   "for zero-shot instead of the built-in shape/colour tasks")
+    p.add_argument("--templates", default="builtin", choices=sorted(zeroshot.TEMPLATE_SETS),
+                   help="prompt template set for zero-shot")
+    p.add_argument("--ensemble", default="both", choices=["similarity", "embedding", "both"],
+                   help="prompt ensemble: average similarities (FILIP), average embeddings (CLIP), or report both")
+    p.add_argument("--direction", default="i2t", choices=["i2t", "t2i", "mean"],
+                   help="late-interaction direction used to score classes for zero-shot")
+    p.add_argument("--batch-size", type=int, default=256, help="encoding batch size")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as a JSON list")
+    p.add_argument("--figures", default=None, metavar="DIR", help="write fig4 + heatmap PNGs per checkpoint")
+    return p
+
+
+def _names(paths: list[str]) -> list[str]:
+    """Short unique column names: the run folder's name (checkpoint.pt's parent), else the file stem."""
+    names = []
+    for k, p in enumerate(paths):
+        base = os.path.basename(os.path.dirname(os.path.abspath(p))) if os.path.basename(p) == "checkpoint.pt" \
+            else os.path.splitext(os.path.basename(p))[0]
+        names.append(base if base not in names else f"{base}-{k}")
+    return names
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.n < 2 or args.n_zeroshot < 1 or args.batch_size < 1:
+            raise ValueError("--n must be >= 2, --n-zeroshot and --batch-size >= 1")
+        for p in args.checkpoint:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"no checkpoint at {p}")
+        rows = [evaluate_checkpoint(p, name, args) for p, name in zip(args.checkpoint, _names(args.checkpoint))]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"minifilip.evaluate: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(markdown_table(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump([{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in rows], f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
