@@ -5,6 +5,11 @@ Everything a run produces lands in its output folder:
     metrics.jsonl   one JSON line per logged step
     loss.png        the training loss curve
     final.json      held-out retrieval (R@1/R@5 both ways, chance level), training time, preset, loss
+    vocab.json      (real data only) the word vocabulary fitted on the training captions
+
+Data: the built-in grounded shapes by default; --train-data / --val-data read webdataset tar shards, TSV/CSV
+lists or img2dataset folders (minifilip/data/sources.py, docs/training_on_cc3m.md). With real data the stream is
+reproducible from (seed, epoch); --resume restarts the stream at the beginning of the epoch it stopped in.
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, FILIPConfig
 from .gradcache import cached_backward
 from .data.builtin import BuiltinTrainStream, builtin_val_pairs
+from .data.decode import split_counts
+from .data.sources import (CsvOptions, check_source, eval_stream, is_builtin, iter_captions, load_pairs, make_loader,
+                           train_stream)
 from .data.grounded import vocabulary
 from .metrics import retrieval_metrics
 from .model import FILIP
@@ -30,7 +38,7 @@ from .tokenizer import WordTokenizer
 
 # flags that may differ between a run and its --resume; everything else comes from the checkpoint
 RESUME_OVERRIDABLE = ("steps", "device", "precision", "log_every", "save_every", "eval_batch_size",
-                      "micro_batch_size", "compile")
+                      "micro_batch_size", "compile", "num_workers")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (see FILIPConfig)")
     p.add_argument("--loss", default="filip", choices=["filip", "clip"],
                    help="filip: token-wise late interaction; clip: global CLS/EOS cosine (the baseline)")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps in total")
-    p.add_argument("--batch-size", type=int, default=128, help="contrastive batch: pairs per step")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=int, default=64, help="contrastive batch: pairs per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
     p.add_argument("--warmup", type=int, default=40, help="linear warm-up steps, then cosine decay to 0")
@@ -72,6 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--eval-batch-size", type=int, default=256, help="batch size when encoding for evaluation")
+    d = p.add_argument_group("real data (docs/training_on_cc3m.md)")
+    d.add_argument("--train-data", default=None, metavar="SPEC",
+                   help="training pairs: tar shards ('cc3m/{00000..00331}.tar', globs, lists joined by '::'), a "
+                        "TSV/CSV list, or an img2dataset folder (default: the built-in grounded dataset)")
+    d.add_argument("--val-data", default=None, metavar="SPEC",
+                   help="evaluation pairs (its first --val-size samples); without it, the first --val-size "
+                        "samples of --train-data are used, with a warning (they are not held out)")
+    d.add_argument("--vocab-size", type=int, default=32000,
+                   help="max vocabulary entries (special tokens included) fitted on the --train-data captions")
+    d.add_argument("--min-count", type=int, default=1, help="keep only words seen at least this often")
+    d.add_argument("--vocab-samples", type=int, default=200_000,
+                   help="fit the vocabulary on the captions of the first this-many training samples (0 = all)")
+    d.add_argument("--num-workers", type=int, default=-1,
+                   help="DataLoader worker processes for --train-data; -1 = auto: min(8, cores-1) with CUDA, "
+                        "min(2, cores-2) on the CPU (the model needs the cores there)")
+    d.add_argument("--shuffle-buffer", type=int, default=1000, help="samples each worker shuffles across shards")
+    d.add_argument("--csv-img-key", default="filepath", help="image-path column of a TSV/CSV list")
+    d.add_argument("--csv-caption-key", default="title", help="caption column of a TSV/CSV list")
+    d.add_argument("--csv-separator", default="\t", help="field separator of a TSV/CSV list")
     return p
 
 
@@ -85,6 +112,37 @@ def _check_args(args) -> None:
         raise ValueError(f"--micro-batch-size must be >= 0 (0 = no gradient caching), got {args.micro_batch_size}")
     if args.lr <= 0 or args.weight_decay < 0 or args.warmup < 0:
         raise ValueError("--lr must be positive, --weight-decay and --warmup non-negative")
+    if getattr(args, "train_data", None) is not None:  # absent in checkpoints of older runs
+        if args.vocab_size <= 4 or args.min_count < 1 or args.vocab_samples < 0 or args.num_workers < -1:
+            raise ValueError("need --vocab-size > 4, --min-count >= 1, --vocab-samples >= 0, --num-workers >= -1")
+    if getattr(args, "val_data", None) and is_builtin(getattr(args, "train_data", None)):
+        raise ValueError("--val-data needs --train-data (the built-in dataset has its own validation split)")
+
+
+def real_data(args) -> bool:
+    return not is_builtin(getattr(args, "train_data", None))
+
+
+def csv_options(args) -> CsvOptions:
+    return CsvOptions(args.csv_img_key, args.csv_caption_key, args.csv_separator)
+
+
+def auto_workers(requested: int, device: torch.device) -> int:
+    if requested >= 0:
+        return requested
+    cores = os.cpu_count() or 1
+    return min(8, cores - 1) if device.type == "cuda" else max(0, min(2, cores - 2))
+
+
+def fit_tokenizer(args) -> WordTokenizer:
+    """Vocabulary from the training captions only (no image is decoded)."""
+    limit = f"first {args.vocab_samples}" if args.vocab_samples else "all"
+    print(f"fitting the vocabulary on the captions of the {limit} samples of {args.train_data} ...")
+    tokenizer = WordTokenizer.fit(iter_captions(args.train_data, args.vocab_samples, csv_options(args)),
+                                  max_size=args.vocab_size, min_count=args.min_count)
+    if len(tokenizer) <= 4:
+        raise ValueError(f"no caption words found in {args.train_data} (check --csv-caption-key / the shards)")
+    return tokenizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -185,7 +243,7 @@ def setup(args, argv):
         tokenizer = WordTokenizer.from_dict(ckpt["tokenizer"])
         config = FILIPConfig.from_dict(ckpt["config"])
     else:
-        tokenizer = WordTokenizer(vocabulary())
+        tokenizer = fit_tokenizer(args) if real_data(args) else WordTokenizer(vocabulary())
         config = FILIPConfig.preset(args.preset, vocab_size=len(tokenizer), loss=args.loss,
                                     token_keep_ratio=args.token_keep_ratio, dropout=args.dropout)
         args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
@@ -213,11 +271,20 @@ def train(args, argv=()) -> dict:
         model.visual.compile()
         model.text.compile()
 
-    def checkpoint():
-        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, tokenizer, optimizer=optimizer.state_dict(),
-                        step=step, train_seconds=train_seconds, args=vars(args), rng=torch.get_rng_state())
+    data_counts: dict = {}  # bad / converted training samples by reason (real data), over the whole run
+    if ckpt is not None and "data_counts" in ckpt:
+        data_counts = dict(ckpt["data_counts"])
 
-    stream = iter(BuiltinTrainStream(args.batch_size, config.image_size, seed=args.seed, start_step=step))
+    def checkpoint():
+        extra = {"data_counts": data_counts} if real_data(args) else {}
+        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, tokenizer, optimizer=optimizer.state_dict(),
+                        step=step, train_seconds=train_seconds, args=vars(args), rng=torch.get_rng_state(), **extra)
+
+    epoch_len = None
+    if real_data(args):
+        stream, epoch_len = open_real_data(args, config, tokenizer, device, step)
+    else:
+        stream = iter(BuiltinTrainStream(args.batch_size, config.image_size, seed=args.seed, start_step=step))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"FILIP {args.preset} ({n_params / 1e6:.1f}M params), loss={config.loss}, batch {args.batch_size}, "
           f"{args.steps} steps on {device} ({precision}) -> {args.out}")
@@ -226,7 +293,16 @@ def train(args, argv=()) -> dict:
     stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
     while step < stop:
         t0 = time.time()
-        images, captions = next(stream)
+        if epoch_len is None:
+            images, captions = next(stream)
+        else:
+            try:
+                images, captions, _keys, counts = next(stream)
+            except StopIteration:
+                raise ValueError(f"the training data ran out at step {step}: no worker found a usable sample "
+                                 f"(bad samples so far: {split_counts(data_counts)[0]})") from None
+            for reason, n in counts.items():
+                data_counts[reason] = data_counts.get(reason, 0) + n
         images, ids = images.to(device, non_blocking=True), tokenizer.encode(captions, config.context_length).to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
@@ -250,13 +326,21 @@ def train(args, argv=()) -> dict:
         if not math.isfinite(loss_value):
             raise RuntimeError(f"loss became {loss_value} at step {step}; lower --lr or use --precision fp32")
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{window_images / (time.time() - window_start):.0f}")
+        postfix = dict(loss=f"{loss_value:.3f}", img_s=f"{window_images / (time.time() - window_start):.0f}")
+        if epoch_len is not None:
+            bad, converted = split_counts(data_counts)
+            postfix.update(epoch=f"{step * args.batch_size / epoch_len:.2f}", bad=sum(bad.values()),
+                           conv=sum(converted.values()))
+        bar.set_postfix(**postfix)
         if step % args.log_every == 0 or step == args.steps:
             row = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                    "temperature": 1.0 / model.temperature_scale.item(),
                    "img_per_s": window_images / (time.time() - window_start), "train_seconds": train_seconds}
             if device.type == "cuda":
                 row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            if epoch_len is not None:
+                bad, converted = split_counts(data_counts)
+                row.update(epoch=step * args.batch_size / epoch_len, bad_samples=bad, converted_samples=converted)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             window_start, window_images = time.time(), 0
@@ -267,16 +351,49 @@ def train(args, argv=()) -> dict:
         print(f"stopped at step {step}/{args.steps}; continue with --resume {args.out}")
         return {}
 
-    images, captions, _ = builtin_val_pairs(args.val_size, config.image_size, seed=args.seed)
+    if real_data(args):
+        val_spec = args.val_data or args.train_data
+        images, captions, _keys, _counts = load_pairs(val_spec, args.val_size, config.image_size, csv_options(args))
+    else:
+        images, captions, _ = builtin_val_pairs(args.val_size, config.image_size, seed=args.seed)
     ids = tokenizer.encode(captions, config.context_length)
     val = evaluate_retrieval(model, images, ids, captions, device, args.eval_batch_size, autocast)
     final = {"val": val, "train_seconds": round(train_seconds, 1), "preset": args.preset, "loss": config.loss,
              "steps": step, "batch_size": args.batch_size}
+    if real_data(args):
+        final.update(train_data=args.train_data, val_source=args.val_data or
+                     f"train (first {len(captions)} samples of --train-data, not held out)",
+                     bad_samples=split_counts(data_counts)[0], converted_samples=split_counts(data_counts)[1])
     with open(os.path.join(args.out, "final.json"), "w") as f:
         json.dump(final, f, indent=2)
     plot_loss(metrics_path, os.path.join(args.out, "loss.png"))
     print_table(final)
     return final
+
+
+def open_real_data(args, config, tokenizer, device, step: int):
+    """Check both sources, save the vocabulary, and return (batch iterator, samples per epoch).
+    Everything that can be wrong with the data fails here, in one line, before the first step."""
+    csv = csv_options(args)
+    stream = train_stream(args.train_data, config.image_size, seed=args.seed, csv=csv,
+                          shuffle_buffer=args.shuffle_buffer)
+    check_source(stream, args.train_data)
+    if args.val_data:
+        check_source(eval_stream(args.val_data, config.image_size, csv=csv), args.val_data)
+    else:
+        print(f"warning: no --val-data; the final retrieval eval uses the first {args.val_size} samples of "
+              "--train-data, which the model has trained on")
+    epoch_len = stream.epoch_length()
+    if not epoch_len:
+        raise ValueError(f"{args.train_data} holds no samples")
+    # resume: the stream is reproducible from (seed, epoch), so restart at the start of the current epoch
+    stream.start_epoch = step * args.batch_size // epoch_len
+    tokenizer.save(os.path.join(args.out, "vocab.json"))
+    workers = auto_workers(args.num_workers, device)
+    print(f"train data: {args.train_data}: ~{epoch_len} samples per epoch ({epoch_len // args.batch_size} steps), "
+          f"{workers} loader workers, vocabulary of {len(tokenizer)} words")
+    loader = make_loader(stream, args.batch_size, workers, pin_memory=device.type == "cuda")
+    return iter(loader), epoch_len
 
 
 def print_table(final: dict) -> None:
