@@ -96,7 +96,9 @@ def _chunk_scores(v, w, tm, im):
     # (ci, ct, N, M), the only chunk-sized score tensor; fp32 like the reference (fp64 stays fp64, for gradcheck)
     s = einsum(v, w, "i n d, t m d -> i t n m").to(_acc_dtype(v.dtype))
     neg_inf = torch.finfo(s.dtype).min
-    best_tok, arg_tok = s.masked_fill(~rearrange(tm, "t m -> 1 t 1 m"), neg_inf).max(dim=3)  # (ci, ct, N)
+    # in place, in this order: padding tokens never win a patch's max, padding patches never win a token's max
+    # (the text fill also hits padding tokens' columns, which no mean and no gradient reads)
+    best_tok, arg_tok = s.masked_fill_(~rearrange(tm, "t m -> 1 t 1 m"), neg_inf).max(dim=3)  # (ci, ct, N)
     best_patch, arg_patch = s.masked_fill_(~rearrange(im, "i n -> i 1 n 1"), neg_inf).max(dim=2)  # (ci, ct, M)
     return best_tok, arg_tok, best_patch, arg_patch
 
@@ -114,6 +116,58 @@ def _chunk_score_grad(arg_tok, arg_patch, ga, gb, im, tm, N, M, dtype):
     p.scatter_(3, arg_tok.long()[..., None], a[..., None])  # one token per patch row
     p.scatter_add_(2, arg_patch.long()[:, :, None, :], b[:, :, None, :])  # one patch per token column (may collide)
     return p.to(dtype)
+
+
+# Devices whose chunked backward uses gathers (_chunk_grad_gather) instead of the dense score gradient + 2 matmuls.
+# CPU: the gathers touch I*T*(N+M) rows instead of doing 2*I*T*N*M*D FLOPs, 4.6x faster backward at the CPU
+# training size (benchmarks/RESULTS.md). CUDA keeps the dense path: there the matmuls run on tensor cores.
+GATHER_BACKWARD_DEVICES = ("cpu",)
+
+
+def _grouped_bags(keys, n_groups, n_bags_per_group):
+    """Sort each row of keys (G, L) (values < n_bags_per_group) -> (order (G, L), offsets (G*n_bags,)): the flat
+    start of each bag (group g, key k) in the row-major order, as embedding_bag wants them."""
+    sorted_keys, order = torch.sort(keys, dim=1)
+    bounds = torch.arange(n_bags_per_group, device=keys.device, dtype=sorted_keys.dtype)
+    starts = torch.searchsorted(sorted_keys, bounds.expand(n_groups, -1).contiguous())  # (G, n_bags)
+    starts = starts + keys.shape[1] * torch.arange(n_groups, device=keys.device)[:, None]
+    return order, starts.reshape(-1)
+
+
+def _chunk_grad_gather(vc, wc, arg_tok, arg_patch, ga, gb, im, tm):
+    """(dV chunk (ci, N, D), dW chunk (ct, M, D)) of one chunk without the dense score gradient.
+
+    The score gradient has one entry per (patch, text) row (a at the patch's best token) and one per (token, image)
+    column (b at the token's best patch). Each of dV, dW gets one gather term (a fixed-size bag per output row:
+    embedding_bag) and one scatter term (rows grouped by target with a sort, then embedding_bag with offsets).
+    """
+    ci, ct, N = arg_tok.shape
+    M, D = arg_patch.shape[2], vc.shape[2]
+    acc = ga.dtype
+    v_flat, w_flat = vc.reshape(ci * N, D).to(acc), wc.reshape(ct * M, D).to(acc)
+    a = ga[:, :, None] * im[:, None, :].to(acc)  # (ci, ct, N): weight of each patch's best token
+    b = gb[:, :, None] * tm[None, :, :].to(acc)  # (ci, ct, M): weight of each token's best patch
+    arg_tok, arg_patch = arg_tok.long(), arg_patch.long()
+    dev = vc.device
+    # dV, gather: patch (i, n) takes a[i, t, n] * w[t, arg_tok[i, t, n]] from every text t
+    tok_row = arg_tok + M * torch.arange(ct, device=dev)[None, :, None]  # (ci, ct, N): row of w_flat
+    dv = torch.nn.functional.embedding_bag(rearrange(tok_row, "i t n -> (i n) t"), w_flat, mode="sum",
+                                           per_sample_weights=rearrange(a, "i t n -> (i n) t").contiguous())
+    # dW, gather: token (t, m) takes b[i, t, m] * v[i, arg_patch[i, t, m]] from every image i
+    patch_row = arg_patch + N * torch.arange(ci, device=dev)[:, None, None]  # (ci, ct, M): row of v_flat
+    dw = torch.nn.functional.embedding_bag(rearrange(patch_row, "i t m -> (t m) i"), v_flat, mode="sum",
+                                           per_sample_weights=rearrange(b, "i t m -> (t m) i").contiguous())
+    # dV, scatter: patch (i, n) also takes b[i, t, m] * w[t, m] for every token whose best patch it is
+    order, offsets = _grouped_bags(rearrange(arg_patch, "i t m -> i (t m)"), ci, N)  # order: flat (t m) index
+    weights = torch.gather(rearrange(b, "i t m -> i (t m)"), 1, order)
+    dv += torch.nn.functional.embedding_bag(order.reshape(-1), w_flat, offsets, mode="sum",
+                                            per_sample_weights=weights.reshape(-1))
+    # dW, scatter: token (t, m) also takes a[i, t, n] * v[i, n] for every patch whose best token it is
+    order, offsets = _grouped_bags(rearrange(arg_tok, "i t n -> t (i n)"), ct, M)  # order: flat (i n) index
+    weights = torch.gather(rearrange(a, "i t n -> t (i n)"), 1, order)
+    dw += torch.nn.functional.embedding_bag(order.reshape(-1), v_flat, offsets, mode="sum",
+                                            per_sample_weights=weights.reshape(-1))
+    return dv.view(ci, N, D), dw.view(ct, M, D)
 
 
 class ChunkedLateInteraction(torch.autograd.Function):
@@ -169,6 +223,7 @@ class ChunkedLateInteraction(torch.autograd.Function):
         # fp32 (or fp64) accumulators: many chunks add into the same rows
         dv = torch.zeros(I, N, D, device=v.device, dtype=acc)
         dw = torch.zeros(T, M, D, device=v.device, dtype=acc)
+        gather = v.device.type in GATHER_BACKWARD_DEVICES
         for i0 in range(0, I, ci):
             im, vc = image_mask[i0:i0 + ci], v[i0:i0 + ci]
             for t0 in range(0, T, ct):
@@ -177,8 +232,13 @@ class ChunkedLateInteraction(torch.autograd.Function):
                     arg_tok, arg_patch = saved[0][i0:i0 + ci, t0:t0 + ct], saved[1][i0:i0 + ci, t0:t0 + ct]
                 else:
                     _, arg_tok, _, arg_patch = _chunk_scores(vc, wc, tm, im)
-                p = _chunk_score_grad(arg_tok, arg_patch, ga[i0:i0 + ci, t0:t0 + ct], gb[i0:i0 + ci, t0:t0 + ct],
-                                      im, tm, N, M, v.dtype)  # (ci, ct, N, M)
+                gac, gbc = ga[i0:i0 + ci, t0:t0 + ct], gb[i0:i0 + ci, t0:t0 + ct]
+                if gather:
+                    dvc, dwc = _chunk_grad_gather(vc, wc, arg_tok, arg_patch, gac, gbc, im, tm)
+                    dv[i0:i0 + ci] += dvc
+                    dw[t0:t0 + ct] += dwc
+                    continue
+                p = _chunk_score_grad(arg_tok, arg_patch, gac, gbc, im, tm, N, M, v.dtype)  # (ci, ct, N, M)
                 dv[i0:i0 + ci] += einsum(p, wc, "i t n m, t m d -> i n d")
                 dw[t0:t0 + ct] += einsum(p, vc, "i t n m, i n d -> t m d")
         return dv.to(v.dtype), dw.to(w.dtype), None, None, None, None

@@ -70,6 +70,18 @@ def test_matches_reference(I, T, N, M, D, image_mask, impl, options):
         assert rel_err(o, r) <= 1e-5, (name, rel_err(o, r))
 
 
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("image_mask", [True, None])
+def test_chunked_backward_paths(gather, image_mask, monkeypatch):
+    """Both chunked backwards (gathers: CPU default; dense score gradient + matmuls: CUDA default), several chunks."""
+    import minifilip.cmli as cmli
+    monkeypatch.setattr(cmli, "GATHER_BACKWARD_DEVICES", ("cpu",) if gather else ())
+    v, w, tm, im = make_inputs(9, 7, 13, 6, 8, seed=5, image_mask=image_mask)
+    ref = scores_and_grads(v, w, tm, im, "reference")
+    out = scores_and_grads(v, w, tm, im, "chunked", max_chunk_bytes=4 * 13 * 6 * 5)
+    assert all(rel_err(o, r) <= 1e-5 for o, r in zip(out, ref))
+
+
 def test_chunked_one_direction_gradient():
     """Only s_i2t used: the Function then gets None for s_t2i's gradient, which must count as zero."""
     v, w, tm, im = make_inputs(5, 6, 7, 4, 8, seed=3)
