@@ -1,9 +1,8 @@
 """make_subset: a seeded subset that reads back with the right count, keys, captions and image sizes."""
 import json
 import os
-import subprocess
-import sys
 
+import pytest
 from PIL import Image
 
 from minifilip.data.make_subset import choose, main, make_subset
@@ -11,7 +10,6 @@ from minifilip.data.shards import expand_urls, iter_tar_groups, shard_sizes
 from minifilip.data.sources import eval_stream
 from minifilip.data.writer import ShardWriter
 
-from conftest import ROOT
 from test_data_shards import build_dirty, image_bytes
 
 
@@ -70,8 +68,10 @@ def test_subset_skips_bad_samples_and_copies_bytes_without_size(tmp_path):
     assert {"jpg", "png", "txt", "1.txt", "json"} <= exts
 
 
-def test_cli_help_and_errors(tmp_path):
-    cmd = [sys.executable, "-m", "minifilip.data.make_subset"]
-    out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0 and "--src" in out.stdout and "--size" in out.stdout
+def test_cli_help_and_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--src" in out and "--size" in out and "--seed" in out
     assert main(["--src", str(tmp_path / "none-{0..3}.tar"), "--out", str(tmp_path / "o"), "--n", "5"]) == 2
+    assert "make_subset: error:" in capsys.readouterr().err
