@@ -79,3 +79,19 @@ def test_bad_data_stops_before_training_with_one_line(tmp_path, capsys, case, me
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train_small.py: error:") and message in lines[0], lines
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_resume_with_real_data_restarts_the_stream_and_keeps_counts(tmp_path, capsys, one_thread):
+    train = build_dirty(tmp_path / "train")
+    out = str(tmp_path / "run")
+    common = ["--batch-size", "4", "--val-size", "4", "--warmup", "1", "--num-workers", "0", "--log-every", "1"]
+    assert main([*common, "--steps", "6", "--stop-at", "4", "--train-data", train, "--out", out]) == 0
+    counts_at_4 = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["data_counts"]
+    assert counts_at_4["decode_error"] >= 2
+    assert main(["--resume", out]) == 0
+    assert "resuming" in capsys.readouterr().out
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["args"]["train_data"] == train
+    assert ckpt["data_counts"]["decode_error"] >= counts_at_4["decode_error"]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
