@@ -185,12 +185,14 @@ def main(argv=None) -> int:
     need = result["gpu_step_img_s"]
     print("| workers | loader img/s | img/s per worker | keeps up with `small` training? |\n|---|---|---|---|")
     for r in rows:
-        verdict = "n/a (no CUDA)" if need is None else ("yes" if r["img_s"] >= need else f"no ({r['img_s'] / need:.0%})")
+        verdict = "n/a (no CUDA)" if need is None else \
+            ("yes" if r["img_s"] >= need else f"no ({r['img_s'] / need:.0%} of it)")
         print(f"| {r['workers']} | {r['img_s']:.0f} | {r['img_s_per_worker']:.0f} | {verdict} |")
     print(f"\n`small` preset training step (batch {args.gpu_batch}, bf16): "
           + (f"{need:.0f} img/s" if need else "n/a (no CUDA)"))
     gd = result["gpu_decode_img_s"]
-    print(f"GPU decode (decode_jpeg on a list, device=cuda, + resize): " + (f"{gd:.0f} img/s" if gd else "n/a (no CUDA)"))
+    print("GPU decode (decode_jpeg on a list, device=cuda, + resize): "
+          + (f"{gd:.0f} img/s" if gd else "n/a (no CUDA)"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

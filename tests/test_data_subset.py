@@ -63,7 +63,7 @@ def test_subset_skips_bad_samples_and_copies_bytes_without_size(tmp_path):
     # every sample with an image: 7 + 8 + 3 = 18 positions; the broken ones are reported, not written
     assert summary["source_total"] == 18
     assert summary["bad"] == {"decode_error": 2, "no_caption": 1, "empty_caption": 1, "bad_utf8": 1, "truncated_tar": 1}
-    assert summary["n_written"] == 13  # 2 + 8 + 3, the 120-px image included: only the loader applies a pixel limit here
+    assert summary["n_written"] == 13  # 2 + 8 + 3, the 120-px image included (only the loader has a pixel limit)
     exts = {e for m in read_back(str(tmp_path / "out")).values() for e in m}
     assert {"jpg", "png", "txt", "1.txt", "json"} <= exts
 
