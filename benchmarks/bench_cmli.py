@@ -141,17 +141,18 @@ def _cfgs(keys, rows):
     return [dict(zip(keys, r)) for r in rows]
 
 
-# (BLOCK_N, BT, BLOCK_D*, num_warps, num_stages); the first of each list is the committed default
+# (BLOCK_N, BT, BLOCK_D*, num_warps, num_stages[, ARGMAX | SPLIT_I]); the first of each list is the committed
+# default. Earlier sweeps (benchmarks/RESULTS.md) covered the tile shapes; these lists time the newer knobs: the
+# forward's arg-max (0: tl.max with indices, 1: max, then min index where equal) and the dW kernel's split of the
+# images over SPLIT_I programs per text block (fp32 atomics).
 TUNE_CANDIDATES = {
-    "fwd": _cfgs(("BLOCK_N", "BT", "BLOCK_D", "num_warps", "num_stages"),
-                 [(64, 8, 64, 8, 3), (64, 8, 32, 8, 4), (64, 8, 64, 8, 4), (64, 8, 64, 4, 3), (64, 4, 64, 4, 3),
-                  (64, 4, 64, 8, 3), (128, 4, 64, 8, 3), (64, 8, 128, 8, 2), (64, 2, 128, 4, 3)]),
+    "fwd": _cfgs(("BLOCK_N", "BT", "BLOCK_D", "num_warps", "num_stages", "ARGMAX"),
+                 [(64, 8, 64, 8, 3, 0), (64, 8, 64, 8, 3, 1), (64, 16, 64, 8, 3, 1), (128, 8, 64, 8, 3, 1)]),
     "bwd_v": _cfgs(("BLOCK_N", "BT", "BLOCK_DV", "num_warps", "num_stages"),
-                   [(64, 4, 256, 8, 2), (64, 4, 256, 8, 3), (64, 4, 128, 8, 3), (64, 2, 256, 8, 2),
-                    (128, 2, 128, 8, 2), (64, 8, 128, 8, 2), (64, 2, 256, 4, 3), (32, 4, 256, 4, 2)]),
-    "bwd_w": _cfgs(("BLOCK_N", "BT", "BLOCK_DW", "num_warps", "num_stages"),
-                   [(64, 4, 128, 8, 2), (64, 4, 128, 8, 3), (64, 4, 128, 4, 2), (64, 4, 64, 8, 3),
-                    (128, 4, 64, 8, 2), (32, 4, 128, 4, 3), (64, 2, 128, 4, 3), (64, 4, 64, 4, 2)]),
+                   [(64, 2, 256, 4, 3), (64, 4, 256, 8, 3)]),
+    "bwd_w": _cfgs(("BLOCK_N", "BT", "BLOCK_DW", "num_warps", "num_stages", "SPLIT_I"),
+                   [(64, 4, 128, 8, 3, 1), (64, 4, 128, 8, 3, 2), (64, 4, 128, 8, 3, 4), (64, 4, 128, 8, 3, 8),
+                    (64, 8, 64, 8, 3, 4)]),
 }
 
 

@@ -31,7 +31,10 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tile sizes; tuned on an H100 for N=196, M=32, D=256 bf16 (see benchmarks/RESULTS.md). Any values work:
-# BLOCK_N and BT * MP must be >= 16 (tensor-core minimum) and powers of two.
+# BLOCK_N and BT * MP must be >= 16 (tensor-core minimum) and powers of two. Optional knobs, off by default
+# until timed on a GPU (benchmarks/bench_cmli.py --tune lists them): fwd ARGMAX=1 (each arg-max as two plain
+# reductions, max then first index holding it, instead of tl.max(return_indices=True)); bwd_w SPLIT_I=k (the
+# images split over k programs per text block, which add into an fp32 dW with atomics: k times more programs).
 CONFIG = {
     "fwd": dict(BLOCK_N=64, BT=8, BLOCK_D=64, num_warps=8, num_stages=3),
     "bwd_v": dict(BLOCK_N=64, BT=2, BLOCK_DV=256, num_warps=4, num_stages=3),
@@ -60,7 +63,7 @@ def _chunks(n: int, block: int) -> tuple[int, int]:
 def _fwd_chunk(V, IMASK, IDX_I2T, i, n0, N, T, jrow, wrow, cols_ok, tvalid,
                W, best_col, arg_col, sum_i2t,
                R: tl.constexpr, BT: tl.constexpr, MP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, ARGMAX: tl.constexpr):
     """Scores of R patch rows (from n0) of image i against the program's BT texts; folds them into both maxima."""
     rows = n0 + tl.arange(0, R)
     rows_ok = rows < N
@@ -76,14 +79,24 @@ def _fwd_chunk(V, IMASK, IDX_I2T, i, n0, N, T, jrow, wrow, cols_ok, tvalid,
 
     # image -> text: best valid token of each patch, per text (padding tokens can never win)
     s = tl.where(tvalid[None, :], acc, float("-inf"))
-    best_tok, arg_tok = tl.max(tl.reshape(s, (R, BT, MP)), axis=2, return_indices=True)  # (R, BT)
+    s3 = tl.reshape(s, (R, BT, MP))
+    if ARGMAX == 0:
+        best_tok, arg_tok = tl.max(s3, axis=2, return_indices=True)  # (R, BT)
+    else:  # two plain reductions: the max, then the first index that holds it
+        best_tok = tl.max(s3, axis=2)
+        tok = tl.arange(0, MP)[None, None, :]
+        arg_tok = tl.min(tl.where(s3 == best_tok[:, :, None], tok, MP), axis=2)
     idx_ptr = IDX_I2T + (i * T + jrow[None, :]).to(tl.int64) * N + rows[:, None]
     tl.store(idx_ptr, arg_tok.to(IDX_I2T.dtype.element_ty), mask=rows_ok[:, None] & (jrow < T)[None, :])
     sum_i2t += tl.sum(tl.where(ivalid[:, None], best_tok, 0.0), axis=0)  # (BT,) padding patches add nothing
 
     # text -> image: best valid patch of each token, running over the chunks (strict '>' keeps the first tie)
     s = tl.where(ivalid[:, None], acc, float("-inf"))
-    best, arg = tl.max(s, axis=0, return_indices=True)  # (BT*MP,)
+    if ARGMAX == 0:
+        best, arg = tl.max(s, axis=0, return_indices=True)  # (BT*MP,)
+    else:
+        best = tl.max(s, axis=0)
+        arg = tl.min(tl.where(s == best[None, :], tl.arange(0, R)[:, None], R), axis=0)
     better = best > best_col
     best_col = tl.where(better, best, best_col)
     arg_col = tl.where(better, arg + n0, arg_col)
@@ -93,7 +106,8 @@ def _fwd_chunk(V, IMASK, IDX_I2T, i, n0, N, T, jrow, wrow, cols_ok, tvalid,
 @triton.jit
 def _cmli_fwd_kernel(V, W, IMASK, TMASK, INV_NI, INV_MJ, S_I2T, S_T2I, IDX_I2T, IDX_T2I, N, T, M,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, N_FULL: tl.constexpr, TAIL_N: tl.constexpr,
-                     BT: tl.constexpr, MP: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                     BT: tl.constexpr, MP: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     ARGMAX: tl.constexpr):
     """Grid (I * ceil(T / BT),): program -> (image i, texts j0 .. j0+BT). Consecutive programs share image i."""
     pid = tl.program_id(0)
     n_tb = tl.cdiv(T, BT)
@@ -112,11 +126,12 @@ def _cmli_fwd_kernel(V, W, IMASK, TMASK, INV_NI, INV_MJ, S_I2T, S_T2I, IDX_I2T, 
     sum_i2t = tl.zeros((BT,), tl.float32)  # sum over valid patches of the best token score, per text
     for c in tl.static_range(N_FULL):
         best_col, arg_col, sum_i2t = _fwd_chunk(V, IMASK, IDX_I2T, i, c * BLOCK_N, N, T, jrow, wrow, cols_ok, tvalid,
-                                                W, best_col, arg_col, sum_i2t, BLOCK_N, BT, MP, D, BLOCK_D, PREC)
+                                                W, best_col, arg_col, sum_i2t, BLOCK_N, BT, MP, D, BLOCK_D, PREC,
+                                                ARGMAX)
     if TAIL_N > 0:
         best_col, arg_col, sum_i2t = _fwd_chunk(V, IMASK, IDX_I2T, i, N_FULL * BLOCK_N, N, T, jrow, wrow, cols_ok,
                                                 tvalid, W, best_col, arg_col, sum_i2t, TAIL_N, BT, MP, D, BLOCK_D,
-                                                PREC)
+                                                PREC, ARGMAX)
 
     jrow_ok = jrow < T
     tl.store(S_I2T + i * T + jrow, sum_i2t * tl.load(INV_NI + i), mask=jrow_ok)
@@ -198,10 +213,12 @@ def _bwd_w_rows(V, IMASK, IDX_I2T, GA, i, n0, N, T, jrow, cols_ok, tvalid, gb, i
 
 
 @triton.jit
-def _cmli_bwd_w_kernel(V, IMASK, TMASK, IDX_I2T, IDX_T2I, GA, GB, DW, I, N, T, M,
+def _cmli_bwd_w_kernel(V, IMASK, TMASK, IDX_I2T, IDX_T2I, GA, GB, DW, I, I_PER, N, T, M,
                        D: tl.constexpr, BLOCK_N: tl.constexpr, N_FULL: tl.constexpr, TAIL_N: tl.constexpr,
-                       BT: tl.constexpr, MP: tl.constexpr, BLOCK_DW: tl.constexpr, PREC: tl.constexpr):
-    """Grid (ceil(T / BT), ceil(D / BLOCK_DW)): one program owns BT texts' gradient and loops over all images."""
+                       BT: tl.constexpr, MP: tl.constexpr, BLOCK_DW: tl.constexpr, PREC: tl.constexpr,
+                       ATOMIC: tl.constexpr):
+    """Grid (ceil(T / BT), ceil(D / BLOCK_DW), splits): one program owns BT texts' gradient over I_PER images;
+    with several splits (ATOMIC) the programs add their partial sums into a zeroed fp32 DW."""
     j0 = tl.program_id(0) * BT
     pid_d = tl.program_id(1)
     cols = tl.arange(0, BT * MP)
@@ -213,7 +230,8 @@ def _cmli_bwd_w_kernel(V, IMASK, TMASK, IDX_I2T, IDX_T2I, GA, GB, DW, I, N, T, M
     dd = pid_d * BLOCK_DW + tl.arange(0, BLOCK_DW)
     d_ok = dd < D
     acc = tl.zeros((BT * MP, BLOCK_DW), tl.float32)
-    for i32 in range(0, I):
+    i_lo = tl.program_id(2) * I_PER
+    for i32 in range(i_lo, tl.minimum(i_lo + I_PER, I)):
         i = tl.cast(i32, tl.int64)  # 64-bit offsets: I*T*N can pass 2**31
         gb = tl.load(GB + i * T + j, mask=cols_ok & tvalid, other=0.0)
         ic = tl.load(IDX_T2I + (i * T + j) * M + l, mask=cols_ok, other=0).to(tl.int32)
@@ -223,8 +241,11 @@ def _cmli_bwd_w_kernel(V, IMASK, TMASK, IDX_I2T, IDX_T2I, GA, GB, DW, I, N, T, M
         if TAIL_N > 0:
             acc = _bwd_w_rows(V, IMASK, IDX_I2T, GA, i, N_FULL * BLOCK_N, N, T, jrow, cols_ok, tvalid, gb, ic, dd,
                               d_ok, acc, TAIL_N, BT, MP, D, PREC)
-    tl.store(DW + (j * M + l)[:, None] * D + dd[None, :], acc.to(DW.dtype.element_ty),
-             mask=cols_ok[:, None] & d_ok[None, :])
+    out = DW + (j * M + l)[:, None] * D + dd[None, :]
+    if ATOMIC:  # several programs (image ranges) add into one fp32 buffer
+        tl.atomic_add(out, acc, mask=cols_ok[:, None] & d_ok[None, :], sem="relaxed")
+    else:
+        tl.store(out, acc.to(DW.dtype.element_ty), mask=cols_ok[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------- wrappers
@@ -260,7 +281,7 @@ def cmli_forward(v: torch.Tensor, w: torch.Tensor, imask: torch.Tensor, tmask: t
     _cmli_fwd_kernel[grid](v, w, imask, tmask, inv_ni, inv_mj, s_i2t, s_t2i, idx_i2t, idx_t2i, N, T, M,
                            D=D, BLOCK_N=BLOCK_N, N_FULL=n_full, TAIL_N=tail, BT=BT, MP=MP,
                            BLOCK_D=min(cfg["BLOCK_D"], _pow2(D)), PREC=_prec(v.dtype),
-                           **_launch(cfg, v.dtype))
+                           ARGMAX=cfg.get("ARGMAX", 0), **_launch(cfg, v.dtype))
     return s_i2t, s_t2i, idx_i2t, idx_t2i, inv_ni, inv_mj
 
 
@@ -287,17 +308,20 @@ def cmli_backward_w(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb):
     I, N, D = v.shape
     T, M, _ = w.shape
     MP = _pow2(M, 1)
-    dw = torch.empty_like(w)
     cfg = CONFIG["bwd_w"]
     BT = max(cfg["BT"], 16 // MP) if MP < 16 else cfg["BT"]
     BLOCK_N = min(cfg["BLOCK_N"], _pow2(N))
     n_full, tail = _chunks(N, BLOCK_N)
     BLOCK_DW = min(cfg["BLOCK_DW"], _pow2(D))
-    grid = (triton.cdiv(T, BT), triton.cdiv(D, BLOCK_DW))
-    _cmli_bwd_w_kernel[grid](v, imask, tmask, idx_i2t, idx_t2i, ga, gb, dw, I, N, T, M,
+    i_per = triton.cdiv(I, max(1, min(cfg.get("SPLIT_I", 1), I)))
+    splits = triton.cdiv(I, i_per)
+    atomic = splits > 1
+    dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if atomic else torch.empty_like(w)
+    grid = (triton.cdiv(T, BT), triton.cdiv(D, BLOCK_DW), splits)
+    _cmli_bwd_w_kernel[grid](v, imask, tmask, idx_i2t, idx_t2i, ga, gb, dw, I, i_per, N, T, M,
                              D=D, BLOCK_N=BLOCK_N, N_FULL=n_full, TAIL_N=tail, BT=BT, MP=MP, BLOCK_DW=BLOCK_DW,
-                             PREC=_prec(v.dtype), **_launch(cfg, v.dtype))
-    return dw
+                             PREC=_prec(v.dtype), ATOMIC=atomic, **_launch(cfg, v.dtype))
+    return dw.to(w.dtype) if atomic else dw
 
 
 def cmli_backward(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb):
