@@ -178,9 +178,13 @@ def shard_sizes(urls: list[str], cache_dir: str | None = None) -> list[int]:
         st = os.stat(u)
         return [st.st_size, int(st.st_mtime)]
 
+    from tqdm import tqdm  # a first scan of a large download takes minutes: show it
+    bar = tqdm(total=len(to_scan), desc="counting samples (once, then cached)", unit="shard", disable=None,
+               leave=False)
     for i, u in enumerate(urls):
         if sizes[i] is not None:
             continue
+        bar.update(1)
         cf = cache_file(u)
         if cf not in caches:
             try:
@@ -194,6 +198,7 @@ def shard_sizes(urls: list[str], cache_dir: str | None = None) -> list[int]:
         else:
             sizes[i] = _scan_size(u)
             caches[cf][os.path.basename(u)] = stamp(u) + [sizes[i]]
+    bar.close()
     for cf, data in caches.items():
         try:
             os.makedirs(os.path.dirname(cf), exist_ok=True)
