@@ -8,7 +8,7 @@ Everything a run produces lands in its output folder:
     vocab.json      (real data only) the word vocabulary fitted on the training captions
 
 Data: the built-in grounded shapes by default; --train-data / --val-data read webdataset tar shards, TSV/CSV
-lists or img2dataset folders (minifilip/data/sources.py, docs/training_on_cc3m.md). With real data the stream is
+lists or img2dataset folders (minifilip/data/sources.py, README.md, "Training on CC3M"). With real data the stream is
 reproducible from (seed, epoch); --resume restarts the stream at the beginning of the epoch it stopped in.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--eval-batch-size", type=int, default=256, help="batch size when encoding for evaluation")
-    d = p.add_argument_group("real data (docs/training_on_cc3m.md)")
+    d = p.add_argument_group("real data (see the README section 'Training on CC3M')")
     d.add_argument("--train-data", default=None, metavar="SPEC",
                    help="training pairs: tar shards ('cc3m/{00000..00331}.tar', globs, lists joined by '::'), a "
                         "TSV/CSV list, or an img2dataset folder (default: the built-in grounded dataset)")
@@ -290,7 +290,7 @@ def train(args, argv=()) -> dict:
     else:
         stream = iter(BuiltinTrainStream(args.batch_size, config.image_size, seed=args.seed, start_step=step))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"FILIP {args.preset} ({n_params / 1e6:.1f}M params), loss={config.loss}, batch {args.batch_size}, "
+    print(f"minifilip {args.preset} ({n_params / 1e6:.1f}M params), loss={config.loss}, batch {args.batch_size}, "
           f"{args.steps} steps on {device} ({precision}) -> {args.out}")
     bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
     window_start, window_images = time.time(), 0
