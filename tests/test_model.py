@@ -95,7 +95,7 @@ def test_temperature_init_and_clamp():
     assert abs(float(1 / model.temperature_scale.detach()) - 0.07) < 1e-6
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-    assert float(model.temperature_scale) == pytest.approx(100.0)
+    assert float(model.temperature_scale.detach()) == pytest.approx(100.0)
 
 
 def test_loss_is_stable_for_huge_logits():
