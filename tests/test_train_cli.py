@@ -80,3 +80,15 @@ def test_help_explains_flags():
     for flag in ("--preset", "--loss", "--steps", "--batch-size", "--lr", "--seed", "--device", "--precision",
                  "--out", "--resume"):
         assert flag in out
+
+
+def test_gradient_caching_and_token_selection_flags_train(tmp_path):
+    """--micro-batch-size and --token-keep-ratio reach the loop: same data, close first losses, saved in config."""
+    plain = run(*FAST, "--steps", "2", "--out", str(tmp_path / "plain"))
+    cached = run(*FAST, "--steps", "2", "--micro-batch-size", "3", "--out", str(tmp_path / "cached"))
+    assert plain.returncode == cached.returncode == 0
+    first = lambda d: json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert abs(first("plain") - first("cached")) < 1e-4  # exact full-batch loss with micro-batches of 3
+    run(*FAST, "--steps", "2", "--token-keep-ratio", "0.5", "--out", str(tmp_path / "keep"))
+    ckpt = torch.load(tmp_path / "keep" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["token_keep_ratio"] == 0.5
