@@ -117,8 +117,8 @@ def test_loss_decreases_when_overfitting_one_batch(loss):
         opt.zero_grad()
         model.loss(images, ids).backward()
         opt.step()
-    last = float(model.loss(images, ids))
-    assert last < 0.25 * float(first), (float(first), last)
+    last = model.loss(images, ids).item()
+    assert last < 0.25 * first.item(), (first.item(), last)
 
 
 def test_similarity_matches_scores():
