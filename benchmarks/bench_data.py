@@ -107,17 +107,22 @@ def gpu_step_rate(batch: int, steps: int = 10) -> float | None:
         loss.backward()
         opt.step()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    rate = steps * batch / (time.perf_counter() - t0)
+    rate = batch / _cuda_seconds(step, warmup=3, rounds=steps)
     del model, opt
     torch.cuda.empty_cache()
     return rate
+
+
+def _cuda_seconds(fn, warmup: int, rounds: int) -> float:
+    """Mean seconds of one fn() call on the GPU after `warmup` untimed calls (synchronised around the timing)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / rounds
 
 
 def gpu_decode_rate(samples: list[bytes], size: int, batch: int, rounds: int = 5) -> float | None:
@@ -133,13 +138,7 @@ def gpu_decode_rate(samples: list[bytes], size: int, batch: int, rounds: int = 5
         return torch.stack([F.interpolate(x[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
                             for x in decoded])
 
-    run()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        run()
-    torch.cuda.synchronize()
-    return rounds * len(encoded) / (time.perf_counter() - t0)
+    return len(encoded) / _cuda_seconds(run, warmup=1, rounds=rounds)
 
 
 def main(argv=None) -> int:
