@@ -40,7 +40,7 @@ def make_inputs(B, N, M, D, dtype, device, seed=0):
 
 def loss_step(v, w, text_mask, impl, options, scale=10.0):
     """Symmetric InfoNCE over the CMLI scores; returns the input gradients (not accumulated into .grad)."""
-    s_i2t, s_t2i = late_interaction(v, w, text_mask, None, impl=impl, **options)
+    s_i2t, s_t2i = late_interaction(v, None, w, text_mask, impl=impl, **options)
     target = torch.arange(v.shape[0], device=v.device)
     loss = 0.5 * (F.cross_entropy(scale * s_i2t, target) + F.cross_entropy(scale * s_t2i.T, target))
     return torch.autograd.grad(loss, [v, w])
@@ -121,12 +121,12 @@ def check(device, dtype_names=("fp32", "bf16")):
             gi, gt = torch.randn(I, T, generator=g).to(device), torch.randn(I, T, generator=g).to(device)
             # reference in float64 from the same (rounded) inputs: the best answer these inputs allow
             v64, w64 = v.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-            a, b = late_interaction(v64, w64, tm, im, impl="reference")
+            a, b = late_interaction(v64, im, w64, tm, impl="reference")
             ref = [a, b, *torch.autograd.grad((a * gi).sum() + (b * gt).sum(), [v64, w64])]
             for impl in ("chunked", "triton"):
                 if impl == "triton" and device.type != "cuda":
                     continue
-                a, b = late_interaction(v, w, tm, im, impl=impl)
+                a, b = late_interaction(v, im, w, tm, impl=impl)
                 out = [a, b, *torch.autograd.grad((a * gi).sum() + (b * gt).sum(), [v, w])]
                 errs = [((o.double() - r).norm() / r.norm()).item() for o, r in zip(out, ref)]
                 bad = any(math.isnan(e) for e in errs)

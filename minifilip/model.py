@@ -108,7 +108,7 @@ class FILIP(nn.Module):
         if image_tokens.shape[1] == 1 and text_tokens.shape[1] == 1:  # global vectors: plain cosine
             cos = image_tokens[:, 0].float() @ text_tokens[:, 0].float().t()  # (I, T)
             return cos, cos
-        return cmli.late_interaction(image_tokens, text_tokens, text_mask, image_mask,
+        return cmli.late_interaction(image_tokens, image_mask, text_tokens, text_mask,
                                      impl=impl or self.config.cmli_impl)
 
     def contrastive_loss(self, image_tokens, image_mask, text_tokens, text_mask) -> torch.Tensor:

@@ -67,7 +67,7 @@ def scores(image_tokens, image_mask, text_tokens, text_mask, block: int = 64):
             cos = img[:, 0].float() @ text_tokens[:, 0].float().t()  # (b, T)
             parts.append((cos, cos))
         else:
-            parts.append(cmli.late_interaction(img, text_tokens, text_mask, msk))
+            parts.append(cmli.late_interaction(img, msk, text_tokens, text_mask))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from minifilip.cmli import chunk_plan, late_interaction
+from minifilip.cmli import late_interaction
+from minifilip.kernels import cmli_chunked
+from minifilip.kernels.cmli_chunked import chunk_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,7 @@ def make_inputs(I, T, N, M, D, seed, image_mask=True, dtype=torch.float32):
 
 def scores_and_grads(v, w, tm, im, impl, seed=123, **options):
     """(s_i2t, s_t2i, dV, dW) for a random upstream gradient on both score matrices."""
-    s_i2t, s_t2i = late_interaction(v, w, tm, im, impl=impl, **options)
+    s_i2t, s_t2i = late_interaction(v, im, w, tm, impl=impl, **options)
     g = torch.Generator().manual_seed(seed)
     gi, gt = torch.randn(s_i2t.shape, generator=g), torch.randn(s_t2i.shape, generator=g)
     dv, dw = torch.autograd.grad((s_i2t * gi).sum() + (s_t2i * gt).sum(), [v, w])
@@ -74,8 +76,7 @@ def test_matches_reference(I, T, N, M, D, image_mask, impl, options):
 @pytest.mark.parametrize("image_mask", [True, None])
 def test_chunked_backward_paths(gather, image_mask, monkeypatch):
     """Both chunked backwards (gathers: CPU default; dense score gradient + matmuls: CUDA default), several chunks."""
-    import minifilip.cmli as cmli
-    monkeypatch.setattr(cmli, "GATHER_BACKWARD_DEVICES", ("cpu",) if gather else ())
+    monkeypatch.setattr(cmli_chunked, "GATHER_BACKWARD_DEVICES", ("cpu",) if gather else ())
     v, w, tm, im = make_inputs(9, 7, 13, 6, 8, seed=5, image_mask=image_mask)
     ref = scores_and_grads(v, w, tm, im, "reference")
     out = scores_and_grads(v, w, tm, im, "chunked", max_chunk_bytes=4 * 13 * 6 * 5)
@@ -85,15 +86,15 @@ def test_chunked_backward_paths(gather, image_mask, monkeypatch):
 def test_chunked_one_direction_gradient():
     """Only s_i2t used: the Function then gets None for s_t2i's gradient, which must count as zero."""
     v, w, tm, im = make_inputs(5, 6, 7, 4, 8, seed=3)
-    ref = torch.autograd.grad(late_interaction(v, w, tm, im, impl="reference")[0].sum(), [v, w])
-    out = torch.autograd.grad(late_interaction(v, w, tm, im, impl="chunked", max_chunk_bytes=200)[0].sum(), [v, w])
+    ref = torch.autograd.grad(late_interaction(v, im, w, tm, impl="reference")[0].sum(), [v, w])
+    out = torch.autograd.grad(late_interaction(v, im, w, tm, impl="chunked", max_chunk_bytes=200)[0].sum(), [v, w])
     assert all(rel_err(o, r) <= 1e-5 for o, r in zip(out, ref))
 
 
 @pytest.mark.parametrize("backward", ["indices", "recompute"])
 def test_chunked_gradcheck_float64(backward):
     v, w, tm, im = make_inputs(3, 4, 5, 3, 4, seed=7, dtype=torch.float64)
-    fn = lambda v, w: late_interaction(v, w, tm, im, impl="chunked", max_chunk_bytes=4 * 5 * 3 * 5,  # noqa: E731
+    fn = lambda v, w: late_interaction(v, im, w, tm, impl="chunked", max_chunk_bytes=4 * 5 * 3 * 5,  # noqa: E731
                                        backward=backward)
     assert torch.autograd.gradcheck(fn, (v, w), eps=1e-6, atol=1e-7)
 
@@ -134,13 +135,52 @@ def test_chunked_never_exceeds_budget(backward):
     assert all(rel_err(o, r) <= 1e-5 for o, r in zip(out, ref))
 
 
+# --------------------------------------------------------------------------------------- padding and precision
+def poison_padding(v, w, tm, im, value):
+    """Copies of v, w whose padding rows hold `value` (NaN or inf) in every coordinate; valid rows unchanged."""
+    v = torch.where(im[..., None], v.detach(), value).requires_grad_()
+    w = torch.where(tm[..., None], w.detach(), value).requires_grad_()
+    return v, w
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("impl,options", [
+    ("reference", {}),
+    ("chunked", {"max_chunk_bytes": 4 * 13 * 6 * 3}),
+    ("chunked", {"max_chunk_bytes": 1, "backward": "recompute"}),
+])
+@pytest.mark.parametrize("gather", [True, False])
+def test_non_finite_padding_changes_nothing(value, impl, options, gather, monkeypatch):
+    """NaN/inf planted only in padding (image and text side): scores and the gradients of valid tokens are those
+    of clean inputs, and padding rows get exactly zero gradient."""
+    monkeypatch.setattr(cmli_chunked, "GATHER_BACKWARD_DEVICES", ("cpu",) if gather else ())
+    v, w, tm, im = make_inputs(7, 5, 13, 6, 8, seed=11)
+    clean = scores_and_grads(v, w, tm, im, "reference")
+    vp, wp = poison_padding(v, w, tm, im, value)
+    out = scores_and_grads(vp, wp, tm, im, impl, **options)
+    assert all(torch.isfinite(o).all() for o in out)
+    assert all(rel_err(o, r) <= 1e-5 for o, r in zip(out, clean))
+    assert (out[2][~im] == 0).all() and (out[3][~tm] == 0).all()
+
+
+def test_half_precision_scores_accumulate_in_fp32():
+    """bf16 tokens: the scores are the fp32 sums of the (exact) products, not sums rounded to bf16 first."""
+    v, w, tm, im = make_inputs(4, 5, 9, 7, 64, seed=2, dtype=torch.bfloat16)
+    exact = late_interaction(v.detach().double(), im, w.detach().double(), tm, impl="reference")
+    for impl in ("reference", "chunked"):
+        out = late_interaction(v.detach(), im, w.detach(), tm, impl=impl)
+        for o, e in zip(out, exact):
+            assert o.dtype == torch.float32
+            assert rel_err(o, e) <= 1e-6, (impl, rel_err(o, e))  # bf16-rounded scores: ~1e-3
+
+
 # ------------------------------------------------------------------------------------------------- triton
 TRITON_SCRIPT = textwrap.dedent("""
     import os, sys
     assert os.environ["TRITON_INTERPRET"] == "1"
     import torch
     sys.path.insert(0, sys.argv[1])
-    from tests.test_cmli_impls import make_inputs, scores_and_grads, rel_err
+    from tests.test_cmli_impls import make_inputs, poison_padding, scores_and_grads, rel_err
     from minifilip.kernels import cmli_triton
     assert cmli_triton.INTERPRET
     for cfg in cmli_triton.CONFIG.values():  # tiny tiles: several row chunks + a tail, several text blocks
@@ -150,6 +190,12 @@ TRITON_SCRIPT = textwrap.dedent("""
         v, w, tm, im = make_inputs(I, T, N, M, D, seed=N, image_mask=mask)
         ref = scores_and_grads(v, w, tm, im, "reference")
         out = scores_and_grads(v, w, tm, im, "triton")
+        if mask:  # NaN planted in padding: the same scores and gradients, zero gradient at padding
+            vp, wp = poison_padding(v, w, tm, im, float("nan"))
+            poisoned = scores_and_grads(vp, wp, tm, im, "triton")
+            assert (poisoned[2][~im] == 0).all() and (poisoned[3][~tm] == 0).all()
+            out = out + poisoned
+            ref = ref + ref
         errs = [rel_err(o, r) for o, r in zip(out, ref)]
         print((I, T, N, M, D, mask), errs)
         worst = max(worst, *errs)
@@ -169,12 +215,13 @@ def test_triton_kernel_in_interpreter():
 
 
 def test_triton_on_cpu_without_interpreter_is_refused():
-    from minifilip.kernels import TRITON_AVAILABLE, cmli_triton
-    if TRITON_AVAILABLE and cmli_triton.INTERPRET:
+    from minifilip.kernels import load_triton
+    cmli_triton = load_triton()
+    if cmli_triton is not None and cmli_triton.INTERPRET:
         pytest.skip("this process runs Triton's interpreter")
     v, w, tm, im = make_inputs(2, 2, 3, 3, 4, seed=0)
     with pytest.raises(ValueError, match="triton"):
-        late_interaction(v, w, tm, im, impl="triton")
+        late_interaction(v, im, w, tm, impl="triton")
 
 
 # ------------------------------------------------------------------------------------------- invalid inputs
@@ -184,24 +231,24 @@ def test_invalid_inputs_raise(impl):
     empty = tm.clone()
     empty[2] = False
     with pytest.raises(ValueError, match="no valid token"):
-        late_interaction(v, w, empty, im, impl=impl)
+        late_interaction(v, im, w, empty, impl=impl)
     no_patch = im.clone()
     no_patch[1] = False
     with pytest.raises(ValueError, match="no valid patch"):
-        late_interaction(v, w, tm, no_patch, impl=impl)
+        late_interaction(v, no_patch, w, tm, impl=impl)
     with pytest.raises(ValueError, match="embedding dims"):
-        late_interaction(v, w[..., :4], tm, im, impl=impl)
+        late_interaction(v, im, w[..., :4], tm, impl=impl)
     with pytest.raises(ValueError, match="3-D"):
-        late_interaction(v[0], w, tm, im, impl=impl)
+        late_interaction(v[0], im, w, tm, impl=impl)
     with pytest.raises(ValueError, match="text_mask"):
-        late_interaction(v, w, tm[:, :3], im, impl=impl)
+        late_interaction(v, im, w, tm[:, :3], impl=impl)
     with pytest.raises(ValueError, match="image_mask"):
-        late_interaction(v, w, tm, im[:2], impl=impl)
+        late_interaction(v, im[:2], w, tm, impl=impl)
 
 
 def test_unknown_impl_and_option_raise():
     v, w, tm, im = make_inputs(2, 2, 3, 3, 4, seed=0)
     with pytest.raises(ValueError, match="unknown late-interaction impl"):
-        late_interaction(v, w, tm, im, impl="fastest")
+        late_interaction(v, im, w, tm, impl="fastest")
     with pytest.raises(ValueError, match="backward"):
-        late_interaction(v, w, tm, im, impl="chunked", backward="magic")
+        late_interaction(v, im, w, tm, impl="chunked", backward="magic")

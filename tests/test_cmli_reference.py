@@ -31,7 +31,7 @@ def random_inputs(I=3, T=4, N=5, M=6, D=8):
 
 def test_reference_equals_python_loop():
     img, txt, text_mask, image_mask = random_inputs()
-    s_i2t, s_t2i = late_interaction_reference(img, txt, text_mask, image_mask)
+    s_i2t, s_t2i = late_interaction_reference(img, image_mask, txt, text_mask)
     want_i2t, want_t2i = loop_cmli(img, txt, text_mask, image_mask)
     assert torch.allclose(s_i2t.double(), want_i2t, atol=1e-6)
     assert torch.allclose(s_t2i.double(), want_t2i, atol=1e-6)
@@ -40,19 +40,19 @@ def test_reference_equals_python_loop():
 
 def test_padding_never_changes_a_score():
     img, txt, text_mask, image_mask = random_inputs()
-    before = late_interaction_reference(img, txt, text_mask, image_mask)
+    before = late_interaction_reference(img, image_mask, txt, text_mask)
     # append padded tokens / patches carrying huge similarity: masked, they must not count
     txt_pad = torch.cat([txt, img[:1, :3].expand(txt.shape[0], 3, -1) * 1.0], dim=1)
     tm_pad = torch.cat([text_mask, torch.zeros(txt.shape[0], 3, dtype=torch.bool)], dim=1)
     img_pad = torch.cat([img, txt[:1, :2].expand(img.shape[0], 2, -1)], dim=1)
     im_pad = torch.cat([image_mask, torch.zeros(img.shape[0], 2, dtype=torch.bool)], dim=1)
-    after = late_interaction_reference(img_pad, txt_pad, tm_pad, im_pad)
+    after = late_interaction_reference(img_pad, im_pad, txt_pad, tm_pad)
     for a, b in zip(before, after):
         assert torch.allclose(a, b, atol=1e-6)
     # and values under masked positions are irrelevant too
     txt_noise = txt.clone()
     txt_noise[~text_mask] = F.normalize(torch.randn(int((~text_mask).sum()), txt.shape[-1]), dim=-1)
-    for a, b in zip(before, late_interaction_reference(img, txt_noise, text_mask, image_mask)):
+    for a, b in zip(before, late_interaction_reference(img, image_mask, txt_noise, text_mask)):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -85,25 +85,25 @@ def test_text_without_valid_token_is_a_clear_error():
     img, txt, text_mask, _ = random_inputs()
     text_mask[1] = False
     with pytest.raises(ValueError, match="no valid token"):
-        late_interaction(img, txt, text_mask)
+        late_interaction(img, None, txt, text_mask)
 
 
 def test_bad_shapes_and_impl_raise():
     img, txt, text_mask, _ = random_inputs()
     with pytest.raises(ValueError):
-        late_interaction(img[0], txt, text_mask)
+        late_interaction(img[0], None, txt, text_mask)
     with pytest.raises(ValueError):
-        late_interaction(img, txt[..., :4], text_mask)
+        late_interaction(img, None, txt[..., :4], text_mask)
     with pytest.raises(ValueError):
-        late_interaction(img, txt, text_mask[:, :2])
+        late_interaction(img, None, txt, text_mask[:, :2])
     with pytest.raises(ValueError, match="unknown"):
-        late_interaction(img, txt, text_mask, impl="nope")
+        late_interaction(img, None, txt, text_mask, impl="nope")
 
 
 def test_gradient_flows_only_through_argmax():
     img, txt, text_mask, image_mask = random_inputs(I=1, T=1)
     img.requires_grad_(True)
-    s_i2t, _ = late_interaction_reference(img, txt, text_mask, image_mask)
+    s_i2t, _ = late_interaction_reference(img, image_mask, txt, text_mask)
     s_i2t.sum().backward()
     # each valid patch's gradient is exactly (1/N) times its best valid token
     scores = img[0].detach() @ txt[0].t()

@@ -1,11 +1,12 @@
 """FILIP token selection: the kept tokens are the brute-force top ones, padding never kept, gradients flow."""
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minifilip.cmli import late_interaction, select_tokens, token_max_similarity
+from minifilip.cmli import keep_count, late_interaction, select_tokens, token_max_similarity
 
 
 def make_batch(B, N, M, D, seed, image_padding=True):
@@ -32,14 +33,14 @@ def brute_force_keep(tokens, mask, other, other_mask, ratio):
     keep = []
     for b in range(tokens.shape[0]):
         valid = mask[b].nonzero().flatten()
-        k = max(1, math.ceil(ratio * len(valid)))
+        k = max(1, math.ceil(Fraction(str(ratio)) * len(valid)))  # exact: 0.3 of 10 is 3
         order = sorted(valid.tolist(), key=lambda n: -s[b, n].item())
         keep.append(sorted(order[:k]))
     return keep
 
 
 def symmetric_loss(v, im, w, tm, impl="chunked"):
-    s_i2t, s_t2i = late_interaction(v, w, tm, im, impl=impl)
+    s_i2t, s_t2i = late_interaction(v, im, w, tm, impl=impl)
     target = torch.arange(v.shape[0])
     return 0.5 * (F.cross_entropy(10 * s_i2t, target) + F.cross_entropy(10 * s_t2i.T, target))
 
@@ -106,3 +107,16 @@ def test_invalid_ratio_raises():
             select_tokens(v, im, w, tm, ratio)
     with pytest.raises(ValueError, match="no valid token"):
         select_tokens(v, im, w, torch.zeros_like(tm), 0.5)
+
+
+def test_keep_count_is_exact_for_every_length():
+    """ceil(ratio * n) with ratio read as the decimal it was written as: float products would keep one too many
+    (0.3 * 100 = 30.000000000000004 -> 31; in float32 26 counts for n <= 256 were wrong)."""
+    n = torch.arange(1, 257)
+    for tenths in range(1, 10):
+        ratio = tenths / 10
+        expected = [max(1, math.ceil(Fraction(tenths, 10) * k)) for k in range(1, 257)]
+        assert keep_count(n, ratio).tolist() == expected, ratio
+    assert keep_count(torch.tensor([100]), 0.3).item() == 30
+    assert keep_count(torch.tensor([25]), 0.6).item() == 15
+    assert keep_count(torch.tensor([7]), 0.25).item() == 2

@@ -24,7 +24,7 @@ def test_one_template_equals_plain_similarity(direction):
     img, img_mask = _random_tokens(5, 6)
     txt, txt_mask = _random_tokens(4, 7)  # 4 classes x 1 template
     got = ensemble_scores(img, img_mask, txt, txt_mask, n_templates=1, direction=direction)
-    s_i2t, s_t2i = late_interaction_reference(img, txt, txt_mask, img_mask)
+    s_i2t, s_t2i = late_interaction_reference(img, img_mask, txt, txt_mask)
     assert torch.allclose(got, pick(s_i2t, s_t2i, direction), atol=1e-5)
 
 
@@ -32,7 +32,7 @@ def test_similarity_ensemble_is_the_mean_of_late_interaction_scores():
     img, img_mask = _random_tokens(3, 5)
     txt, txt_mask = _random_tokens(2 * 3, 6)  # 2 classes x 3 templates, class-major
     got = ensemble_scores(img, img_mask, txt, txt_mask, n_templates=3, ensemble="similarity")
-    s_i2t, _ = late_interaction_reference(img, txt, txt_mask, img_mask)
+    s_i2t, _ = late_interaction_reference(img, img_mask, txt, txt_mask)
     assert torch.allclose(got, s_i2t.view(3, 2, 3).mean(dim=2), atol=1e-5)
 
 

@@ -1,7 +1,19 @@
-"""Optional fused kernels. Importing this package never fails: `TRITON_AVAILABLE` says whether Triton loaded."""
-try:  # Triton ships with the CUDA torch wheels; CPU-only installs may lack it.
-    from . import cmli_triton  # noqa: F401
-    TRITON_AVAILABLE = True
-except ImportError:  # pragma: no cover - depends on the install
-    cmli_triton = None
-    TRITON_AVAILABLE = False
+"""The fast implementations behind `minifilip.cmli.late_interaction`.
+
+- `cmli_chunked`: plain PyTorch, bounded memory, custom arg-max backward (the CPU default).
+- `cmli_triton`: one fused Triton kernel per pass (the CUDA default). Optional: `load_triton()` imports it on first
+  use and returns None where Triton is missing, so importing minifilip never imports Triton.
+"""
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def load_triton():
+    """The `cmli_triton` module, or None when Triton cannot be imported (CPU-only installs may lack it)."""
+    try:
+        from . import cmli_triton
+    except ImportError:  # pragma: no cover - depends on the install
+        return None
+    return cmli_triton

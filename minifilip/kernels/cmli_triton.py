@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cmli_chunked import index_dtype
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tile sizes; tuned on an H100 for N=196, M=32, D=256 bf16 (see benchmarks/RESULTS.md). Any values work:
@@ -249,11 +251,6 @@ def _cmli_bwd_w_kernel(V, IMASK, TMASK, IDX_I2T, IDX_T2I, GA, GB, DW, I, I_PER, 
 
 
 # ----------------------------------------------------------------------------------------------- wrappers
-def _index_dtype(n: int) -> torch.dtype:
-    """Smallest integer dtype that stores indices 0..n-1 (the arg-max memory is I*T*(N+M) of these)."""
-    return torch.uint8 if n <= 256 else (torch.int16 if n <= 32767 else torch.int32)
-
-
 def _prec(dtype: torch.dtype) -> str:
     # fp32 inputs: true fp32 products ("ieee"), so results match the fp32 reference; 16-bit inputs ignore this.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -273,8 +270,8 @@ def cmli_forward(v: torch.Tensor, w: torch.Tensor, imask: torch.Tensor, tmask: t
     n_full, tail = _chunks(N, BLOCK_N)
     s_i2t = torch.empty(I, T, device=v.device, dtype=torch.float32)
     s_t2i = torch.empty_like(s_i2t)
-    idx_i2t = torch.empty(I, T, N, device=v.device, dtype=_index_dtype(M))
-    idx_t2i = torch.empty(I, T, M, device=v.device, dtype=_index_dtype(N))
+    idx_i2t = torch.empty(I, T, N, device=v.device, dtype=index_dtype(M))
+    idx_t2i = torch.empty(I, T, M, device=v.device, dtype=index_dtype(N))
     inv_ni = 1.0 / imask.sum(dim=1, dtype=torch.float32)  # (I,)
     inv_mj = 1.0 / tmask.sum(dim=1, dtype=torch.float32)  # (T,)
     grid = (I * triton.cdiv(T, BT),)
@@ -334,7 +331,7 @@ class TritonLateInteraction(torch.autograd.Function):
     """Autograd wrapper: forward keeps only the arg-max indices; backward rebuilds the sparse score gradient."""
 
     @staticmethod
-    def forward(ctx, image_tokens, text_tokens, text_mask, image_mask):
+    def forward(ctx, image_tokens, image_mask, text_tokens, text_mask):
         v, w = image_tokens.contiguous(), text_tokens.contiguous()
         imask, tmask = image_mask.to(torch.int8).contiguous(), text_mask.to(torch.int8).contiguous()
         s_i2t, s_t2i, idx_i2t, idx_t2i, inv_ni, inv_mj = cmli_forward(v, w, imask, tmask)
@@ -350,4 +347,4 @@ class TritonLateInteraction(torch.autograd.Function):
         ga = (g_i2t * inv_ni[:, None]).contiguous()  # (I, T) weight of each valid patch's best token
         gb = (g_t2i * inv_mj[None, :]).contiguous()  # (I, T) weight of each valid token's best patch
         dv, dw = cmli_backward(v, w, imask, tmask, idx_i2t, idx_t2i, ga, gb)
-        return dv, dw, None, None
+        return dv, None, dw, None
