@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 
@@ -31,8 +30,8 @@ class FILIPConfig:
     # --- objective ---
     loss: str = "filip"           # "filip": token-wise late interaction; "clip": image CLS vs text EOS cosine
     text_special_tokens: bool = False  # let [BOS]/[EOS] take part in late interaction (False: words only)
-    init_temperature: float = 0.07     # initial softmax temperature tau (learned as log(1/tau))
-    max_logit_scale: float = 100.0     # clamp on 1/tau so training cannot blow up
+    init_temperature: float = 0.07     # initial softmax temperature tau (learned as logit_scale = log(1/tau))
+    min_temperature: float = 0.01      # tau is clamped to >= this (1/tau <= 100) so training cannot blow up
     token_keep_ratio: float = 1.0      # paper's token selection: keep this fraction of tokens (1.0 = off)
     cmli_impl: str = "auto"            # late-interaction implementation ("auto", "reference", ...)
 
@@ -61,9 +60,9 @@ class FILIPConfig:
             raise ValueError(f"FILIPConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"FILIPConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
-        if not 0.0 < self.init_temperature < 1.0 or 1.0 / self.init_temperature > self.max_logit_scale:
-            raise ValueError(f"FILIPConfig.init_temperature must be in (0, 1) with 1/temperature <= max_logit_scale; "
-                             f"got {self.init_temperature} and {self.max_logit_scale}")
+        if not 0.0 < self.min_temperature <= self.init_temperature < 1.0:
+            raise ValueError(f"FILIPConfig needs 0 < min_temperature <= init_temperature < 1; "
+                             f"got {self.min_temperature} and {self.init_temperature}")
         if not 0.0 < self.token_keep_ratio <= 1.0:
             raise ValueError(f"FILIPConfig.token_keep_ratio must be in (0, 1], got {self.token_keep_ratio}")
 
@@ -71,15 +70,14 @@ class FILIPConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    @property
-    def init_logit_scale(self) -> float:
-        return math.log(1.0 / self.init_temperature)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FILIPConfig":
+        d = dict(d)
+        if "max_logit_scale" in d:  # checkpoints before the temperature vocabulary stored the clamp on 1/tau
+            d.setdefault("min_temperature", 1.0 / d.pop("max_logit_scale"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -2,6 +2,9 @@
 
 Both share one pre-LN transformer `Block`, attend through `scaled_dot_product_attention`, and end with a
 per-token linear projection to the shared `embed_dim` space. L2 normalisation happens in `FILIP`.
+
+Axis names in the einops patterns: b batch, t sequence positions, h heads, d head dim, c colour channels,
+rows / cols patches per image side, p1 / p2 pixels within a patch, width the transformer width.
 """
 from __future__ import annotations
 
@@ -80,9 +83,9 @@ class VisionEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
-        patches = rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)  # (B, N, 3*p*p)
+        patches = rearrange(images, "b c (rows p1) (cols p2) -> b (rows cols) (p1 p2 c)", p1=p, p2=p)  # (B, N, 3*p*p)
         x = self.patch_embed(patches)  # (B, N, C)
-        cls = repeat(self.cls, "c -> b 1 c", b=x.shape[0])
+        cls = repeat(self.cls, "width -> b 1 width", b=x.shape[0])
         x = torch.cat([cls, x], dim=1) + self.pos  # (B, 1 + N, C)
         x = self.transformer(self.drop(self.ln_pre(x)))
         return self.proj(x)  # (B, 1 + N, D)

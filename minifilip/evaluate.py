@@ -16,6 +16,7 @@ FILIP trains for.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -24,8 +25,8 @@ import torch
 
 from . import pointing, zeroshot
 from .checkpoint import load_model
-from .data.builtin import builtin_val_pairs
-from .data.grounded import render_scene
+from .cli import Parser, one_line
+from .data.builtin import builtin_val_pairs, find_val_scenes
 from .metrics import retrieval_metrics
 
 RETRIEVAL_RULE = "identical captions count as the same answer; ties ranked pessimistically"
@@ -34,16 +35,21 @@ FIGURE_SCENES = 3  # figures for the first 3 val scenes with two or more objects
 
 @torch.no_grad()
 def retrieval(model, tokenizer, images: torch.Tensor, captions: list[str], batch_size: int = 256,
-              ks=(1, 5, 10)) -> dict:
+              ks=(1, 5, 10), autocast=contextlib.nullcontext) -> dict:
     """R@k image->text and text->image for n matched pairs, scored with the model's own similarity.
 
     Encoding runs in batches and scoring in blocks of 64 images (the chunked CMLI bounds each block's memory), so
     5k x 5k fits: the encoded tokens are 5000 x 64 x 256 floats per side, the score matrices 5000 x 5000.
+    autocast: context factory the encoders run under (training passes its bf16 / fp16 autocast). The model is
+    evaluated in eval mode and left in the mode it came in, so the training loop can call this between steps.
     """
+    was_training = model.training
     model.eval()
-    img = zeroshot.encode_images(model, images, batch_size)
-    txt = zeroshot.encode_texts(model, tokenizer, captions, batch_size)
+    with autocast():
+        img = zeroshot.encode_images(model, images, batch_size)
+        txt = zeroshot.encode_texts(model, tokenizer, captions, batch_size)
     s_i2t, s_t2i = model.pairwise_scores(*img, *txt)  # (n, n) each
+    model.train(was_training)
     return retrieval_metrics(s_i2t, s_t2i, captions, ks=ks)
 
 
@@ -54,22 +60,11 @@ def source_pairs(spec: str, n: int, image_size: int):
     return images, captions
 
 
-def figure_scenes(image_size: int, count: int):
-    """(index, scene) of the first `count` val scenes with two or more objects: fixed, so figures compare."""
-    out, i = [], 0
-    while len(out) < count:
-        sc = render_scene(0, "val", i, image_size)
-        if len(sc.objects) >= 2:
-            out.append((i, sc))
-        i += 1
-    return out
-
-
 def write_figures(model, tokenizer, name: str, folder: str) -> list[str]:
     """Fig. 4 view + heatmaps for the fixed val scenes; grounded words (colour, shape) highlighted."""
     from . import visualize
     paths = []
-    for i, sc in figure_scenes(model.config.image_size, FIGURE_SCENES):
+    for i, sc in find_val_scenes(lambda sc: len(sc.objects) >= 2, FIGURE_SCENES, model.config.image_size):
         highlight = sorted(g.token_index for g in sc.groundings[0])
         title = f"{name} ({model.config.loss}), val scene {i}"
         paths += visualize.render(model, tokenizer, sc.image, sc.captions[0],
@@ -147,14 +142,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m minifilip.evaluate", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m minifilip.evaluate", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint.pt to evaluate; repeat to compare several side by side")
     p.add_argument("--data", default="builtin", help="'builtin' (grounded shapes val split) or any minifilip.data "
@@ -172,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="late-interaction direction used to score classes for zero-shot")
     p.add_argument("--batch-size", type=int, default=256, help="encoding batch size")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as a JSON list")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the metrics as a JSON list (one entry per checkpoint)")
     p.add_argument("--figures", default=None, metavar="DIR", help="write fig4 + heatmap PNGs per checkpoint")
     return p
 
@@ -197,7 +188,7 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"no checkpoint at {p}")
         rows = [evaluate_checkpoint(p, name, args) for p, name in zip(args.checkpoint, _names(args.checkpoint))]
     except (ValueError, FileNotFoundError) as e:
-        print(f"minifilip.evaluate: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"minifilip.evaluate: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(markdown_table(rows))
     if args.json:

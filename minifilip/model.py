@@ -8,6 +8,15 @@
 With `config.loss = "clip"` the same towers train CLIP-style: `encode_image` then returns the [CLS] embedding
 and `encode_text` the [EOS] embedding (one token each), and the score is their cosine. That makes the two
 objectives comparable at equal compute, and lets gradient caching treat them alike.
+
+Scoring has one path: `scores` (one block of images against every text), `pairwise_scores` (all images, in
+blocks) and `pick_direction` are plain functions of encoded tensors, so zero-shot and evaluation code can score
+without a model; the FILIP methods of the same names call them with the model's `cmli_impl`.
+
+Temperature, one quantity under three names:
+    temperature          tau: logits = scores / tau (config.init_temperature = 0.07, config.min_temperature = 0.01)
+    logit_scale          log(1 / tau), the learned parameter (CLIP's name and state_dict key; the log keeps tau > 0)
+    inverse_temperature  1 / tau = exp(logit_scale), clamped to 1 / min_temperature: what info_nce multiplies by
 """
 from __future__ import annotations
 
@@ -37,8 +46,8 @@ class FILIP(nn.Module):
         self.config = config
         self.visual = VisionEncoder(config)
         self.text = TextEncoder(config)
-        # learn log(1/tau) so the temperature stays positive; 1/tau starts at 1/0.07
-        self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
+        # learn log(1/tau) so the temperature stays positive; tau starts at config.init_temperature
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.apply(self._init_weights)
 
     @staticmethod
@@ -99,17 +108,13 @@ class FILIP(nn.Module):
 
     # ------------------------------------------------------------------ scores and loss
     @property
-    def temperature_scale(self) -> torch.Tensor:
-        """1 / temperature, clamped to config.max_logit_scale."""
-        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+    def inverse_temperature(self) -> torch.Tensor:
+        """1 / temperature = exp(logit_scale), clamped to 1 / config.min_temperature."""
+        return self.logit_scale.clamp(max=math.log(1.0 / self.config.min_temperature)).exp()
 
     def scores(self, image_tokens, image_mask, text_tokens, text_mask, impl: str | None = None):
         """(s_i2t, s_t2i), both (n_images, n_texts), for already-encoded inputs of either granularity."""
-        if image_tokens.shape[1] == 1 and text_tokens.shape[1] == 1:  # global vectors: plain cosine
-            cos = image_tokens[:, 0].float() @ text_tokens[:, 0].float().t()  # (I, T)
-            return cos, cos
-        return cmli.late_interaction(image_tokens, image_mask, text_tokens, text_mask,
-                                     impl=impl or self.config.cmli_impl)
+        return scores(image_tokens, image_mask, text_tokens, text_mask, impl=impl or self.config.cmli_impl)
 
     def contrastive_loss(self, image_tokens, image_mask, text_tokens, text_mask) -> torch.Tensor:
         """Symmetric InfoNCE over the batch, on already-encoded (B, N, D) / (B, M, D) tokens."""
@@ -123,7 +128,7 @@ class FILIP(nn.Module):
             image_tokens, image_mask, text_tokens, text_mask = cmli.select_tokens(
                 image_tokens, image_mask, text_tokens, text_mask, ratio)
         s_i2t, s_t2i = self.scores(image_tokens, image_mask, text_tokens, text_mask)
-        return info_nce(s_i2t, s_t2i, self.temperature_scale)
+        return info_nce(s_i2t, s_t2i, self.inverse_temperature)
 
     def loss(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Training loss of a batch of matched (image, caption ids) pairs."""
@@ -135,15 +140,44 @@ class FILIP(nn.Module):
     @torch.no_grad()
     def pairwise_scores(self, image_tokens, image_mask, text_tokens, text_mask, block: int = 64):
         """(s_i2t, s_t2i) for every image against every text, in blocks of images to bound memory."""
-        parts = [self.scores(image_tokens[i:i + block], image_mask[i:i + block], text_tokens, text_mask)
-                 for i in range(0, image_tokens.shape[0], block)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return pairwise_scores(image_tokens, image_mask, text_tokens, text_mask, impl=self.config.cmli_impl,
+                               block=block)
 
     @torch.no_grad()
     def similarity(self, images: torch.Tensor, ids: torch.Tensor, direction: str = "mean") -> torch.Tensor:
         """Retrieval score (n_images, n_texts). For FILIP, "i2t" / "t2i" pick one late-interaction
         direction and "mean" averages both; for CLIP all three are the cosine."""
-        s_i2t, s_t2i = self.pairwise_scores(*self.encode_image(images), *self.encode_text(ids))
-        if direction not in ("mean", "i2t", "t2i"):
-            raise ValueError(f"direction must be 'mean', 'i2t' or 't2i', got {direction!r}")
-        return {"i2t": s_i2t, "t2i": s_t2i, "mean": 0.5 * (s_i2t + s_t2i)}[direction]
+        check_direction(direction)
+        return pick_direction(*self.pairwise_scores(*self.encode_image(images), *self.encode_text(ids)), direction)
+
+
+# ---------------------------------------------------------------------- scoring encoded tokens, no model needed
+def scores(image_tokens, image_mask, text_tokens, text_mask, impl: str = "auto"):
+    """(s_i2t, s_t2i), both (n_images, n_texts): the cosine when both sides are one global token each (CLIP),
+    else token-wise late interaction (FILIP, `cmli.late_interaction` with implementation `impl`)."""
+    if image_tokens.shape[1] == 1 and text_tokens.shape[1] == 1:  # global vectors: plain cosine
+        cos = image_tokens[:, 0].float() @ text_tokens[:, 0].float().t()  # (I, T)
+        return cos, cos
+    return cmli.late_interaction(image_tokens, image_mask, text_tokens, text_mask, impl=impl)
+
+
+@torch.no_grad()
+def pairwise_scores(image_tokens, image_mask, text_tokens, text_mask, impl: str = "auto", block: int = 64):
+    """`scores` for every image against every text, in blocks of `block` images to bound memory."""
+    parts = [scores(image_tokens[i:i + block], image_mask[i:i + block], text_tokens, text_mask, impl=impl)
+             for i in range(0, image_tokens.shape[0], block)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+DIRECTIONS = ("i2t", "t2i", "mean")
+
+
+def check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'i2t', 't2i' or 'mean', got {direction!r}")
+
+
+def pick_direction(s_i2t: torch.Tensor, s_t2i: torch.Tensor, direction: str) -> torch.Tensor:
+    """One score matrix: "i2t" (images rank texts by s_i2t), "t2i", or the "mean" of both."""
+    check_direction(direction)
+    return {"i2t": s_i2t, "t2i": s_t2i, "mean": 0.5 * (s_i2t + s_t2i)}[direction]

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from einops import reduce
 
-from .data.builtin import images_to_tensor
+from .data.transforms import images_to_tensor
 
 
 def patch_coverage(masks: torch.Tensor | np.ndarray, patch_size: int) -> torch.Tensor:
     """masks (G, S, S) bool pixel masks -> (G, N) fraction of each patch's pixels inside the mask.
+    Axis letters: g groundings, h / w patch rows / columns, p / q pixels within a patch.
 
     Patches are numbered row by row, like the ViT's patch tokens (N = (S / patch_size) ** 2).
     """
@@ -106,7 +107,13 @@ def pointing_game(model, tokenizer, scenes, captions: str = "all", batch_size: i
     return out
 
 
-INSIDE_RULE = ("a word's top patch counts as inside its object when the patch overlaps the object's pixel mask "
-               "(at least one pixel); chance = fraction of patches that overlap, averaged over the same words")
+def inside_rule(min_overlap: float = 0.0) -> str:
+    """The definition of "inside" used with `min_overlap`, in words (for reports next to the numbers)."""
+    amount = "at least one pixel" if min_overlap == 0 else f"more than {min_overlap:.0%} of its pixels"
+    return (f"a word's top patch counts as inside its object when the patch overlaps the object's pixel mask "
+            f"({amount}); chance = fraction of patches that overlap, averaged over the same words")
 
-__all__ = ["patch_coverage", "pointing_hits", "pointing_game", "INSIDE_RULE"]
+
+INSIDE_RULE = inside_rule()  # the rule at pointing_game's default min_overlap
+
+__all__ = ["patch_coverage", "pointing_hits", "pointing_game", "inside_rule", "INSIDE_RULE"]

@@ -20,19 +20,22 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cli import Parser
 from .config import PRESETS, FILIPConfig
-from .gradcache import cached_backward
 from .data.builtin import BuiltinTrainStream, builtin_val_pairs
 from .data.decode import split_counts
+from .data.grounded import vocabulary
 from .data.sources import (CsvOptions, check_source, eval_stream, is_builtin, iter_captions, load_pairs, make_loader,
                            train_stream)
-from .data.grounded import vocabulary
-from .metrics import retrieval_metrics
+from .evaluate import retrieval
+from .gradcache import cached_backward
 from .model import FILIP
 from .tokenizer import WordTokenizer
 
@@ -41,15 +44,8 @@ RESUME_OVERRIDABLE = ("steps", "device", "precision", "log_every", "save_every",
                       "micro_batch_size", "compile", "num_workers")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line instead of usage + error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train_small.py", description="Train a small FILIP (or CLIP baseline) from scratch. "
+    p = Parser(prog="train_small.py", description="Train a small FILIP (or CLIP baseline) from scratch. "
                 "Defaults: the built-in grounded shapes dataset and the 'tiny' preset, a few minutes on a CPU.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (see FILIPConfig)")
@@ -157,51 +153,56 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_for(device: torch.device, precision: str):
-    """(autocast context factory, GradScaler or None) for the chosen precision."""
+    """(autocast context factory, GradScaler, resolved precision name) for --precision on `device`.
+
+    "auto" means bf16 autocast on CUDA and fp32 on the CPU. The GradScaler is always there and enabled only for
+    fp16, whose narrow exponent range needs loss scaling; disabled, scale() returns the loss unchanged, step() is
+    optimizer.step() and update() does nothing, so the loop needs no branch for it.
+    """
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext, None, precision
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if precision == "fp32":
+        return contextlib.nullcontext, scaler, precision
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, precision
 
 
-def lr_at(step: int, args) -> float:
-    """Linear warm-up to args.lr, then cosine decay to 0 at args.steps."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of step `step` (0-based): linear warm-up to `lr` over `warmup_steps`, then cosine decay to 0
+    at `total_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW; matrices decay, biases / norms / embeddings / temperature do not."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         is_matrix = p.dim() >= 2 and "embed" not in name and not name.endswith("pos")
         (decay if is_matrix else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-@torch.no_grad()
-def evaluate_retrieval(model: FILIP, images: torch.Tensor, ids: torch.Tensor, captions: list[str],
-                       device: torch.device, batch_size: int = 256, autocast=contextlib.nullcontext) -> dict:
-    """Held-out retrieval: encode in batches, score every image against every caption, R@1/R@5."""
-    model.eval()
-    img_parts, txt_parts = [], []
-    for i in range(0, len(images), batch_size):
+def forward_backward(model: FILIP, images: torch.Tensor, ids: torch.Tensor, *, micro_batch_size: int,
+                     autocast: Callable, scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """The batch's loss, with its (scaled) gradient accumulated into the parameters' .grad.
+
+    micro_batch_size > 0: gradient caching (gradcache.py), the memory of a micro-batch with the loss and gradient
+    of the whole batch; 0: one plain forward and backward.
+    """
+    if micro_batch_size:
         with autocast():
-            img_parts.append(model.encode_image(images[i:i + batch_size].to(device)))
-            txt_parts.append(model.encode_text(ids[i:i + batch_size].to(device)))
-    img, img_mask = (torch.cat(t) for t in zip(*img_parts))
-    txt, txt_mask = (torch.cat(t) for t in zip(*txt_parts))
-    s_i2t, s_t2i = model.pairwise_scores(img, img_mask, txt, txt_mask)
-    model.train()
-    return retrieval_metrics(s_i2t, s_t2i, captions)
+            return cached_backward(model, images, ids, micro_batch_size, scaler=scaler)
+    with autocast():
+        loss = model.loss(images, ids)
+    scaler.scale(loss).backward()
+    return loss
 
 
 def plot_loss(metrics_path: str, png_path: str) -> None:
@@ -219,6 +220,12 @@ def plot_loss(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+def append_jsonl(path: str, row: dict) -> None:
+    """One JSON line appended to metrics.jsonl (or any log)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def _trim_metrics(path: str, last_step: int) -> None:
     """Drop metrics logged after the checkpoint we resume from, so the log has no duplicate steps."""
     if os.path.exists(path):
@@ -227,8 +234,69 @@ def _trim_metrics(path: str, last_step: int) -> None:
             f.writelines(keep)
 
 
-def setup(args, argv):
-    """Everything that can fail on bad input, before any training: returns the run's state."""
+@dataclass
+class Run:
+    """What `setup` resolves before any training: flags, device, model config, tokenizer, precision."""
+    args: argparse.Namespace      # the flags; with --resume the checkpoint's, RESUME_OVERRIDABLE ones from argv
+    device: torch.device
+    config: FILIPConfig
+    tokenizer: WordTokenizer
+    ckpt: dict | None             # the checkpoint resumed from; None for a fresh run
+    autocast: Callable            # context factory for the forward passes (a no-op in fp32)
+    scaler: torch.amp.GradScaler  # loss scaling, enabled for fp16 only (see autocast_for)
+    precision: str                # "fp32", "bf16" or "fp16" ("auto" resolved)
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.args.out, "metrics.jsonl")
+
+
+@dataclass
+class Progress:
+    """How far the run is; saved in every checkpoint and restored by --resume."""
+    step: int = 0               # optimizer steps done
+    train_seconds: float = 0.0  # wall time spent in training steps (not start-up, not evaluation)
+
+
+class TrainData:
+    """The training batches, in one shape for every source: (images, captions, keys, counts), where counts are
+    the bad / converted samples met since the last batch (always empty for the built-in data). It sums the
+    counts over the run, and turns them into log fields."""
+
+    def __init__(self, batches: Iterator, batch_size: int, epoch_len: int | None, counts: dict):
+        self.batches, self.batch_size = batches, batch_size
+        self.epoch_len = epoch_len  # samples per epoch of real data; None for the built-in stream, which never ends
+        self.counts = dict(counts)  # bad / converted samples by reason, over the whole run
+
+    def next_batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        """(images (B, 3, S, S), captions) of the next batch."""
+        try:
+            images, captions, _keys, counts = next(self.batches)
+        except StopIteration:
+            raise ValueError(f"the training data ran out at step {step}: no worker found a usable sample "
+                             f"(bad samples so far: {split_counts(self.counts)[0]})") from None
+        for reason, n in counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+        return images, captions
+
+    def log_fields(self, step: int) -> dict:
+        """Epoch and bad / converted sample counts for metrics.jsonl (none for the built-in data)."""
+        if self.epoch_len is None:
+            return {}
+        bad, converted = split_counts(self.counts)
+        return {"epoch": step * self.batch_size / self.epoch_len, "bad_samples": bad, "converted_samples": converted}
+
+    def postfix(self, step: int) -> dict:
+        """The same, short, for the progress bar."""
+        fields = self.log_fields(step)
+        if not fields:
+            return {}
+        return {"epoch": f"{fields['epoch']:.2f}", "bad": sum(fields["bad_samples"].values()),
+                "conv": sum(fields["converted_samples"].values())}
+
+
+def setup(args, argv) -> Run:
+    """Everything that can fail on bad input, before any training."""
     _check_args(args)
     device = resolve_device(args.device)
     ckpt = None
@@ -249,128 +317,148 @@ def setup(args, argv):
         config = FILIPConfig.preset(args.preset, vocab_size=len(tokenizer), loss=args.loss,
                                     token_keep_ratio=args.token_keep_ratio, dropout=args.dropout)
         args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    autocast, scaler, precision = autocast_for(device, args.precision)
-    return args, device, ckpt, tokenizer, config, autocast, scaler, precision
-
-
-def train(args, argv=()) -> dict:
-    args, device, ckpt, tokenizer, config, autocast, scaler, precision = setup(args, argv)
-    os.makedirs(args.out, exist_ok=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    torch.manual_seed(args.seed)
-    model = FILIP(config).to(device)
-    optimizer = make_optimizer(model, args)
-    step, train_seconds = 0, 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, train_seconds = int(ckpt["step"]), float(ckpt["train_seconds"])
-        torch.set_rng_state(ckpt["rng"])
-        _trim_metrics(metrics_path, step)
-        print(f"resuming {args.out} at step {step}/{args.steps}")
-    model.train()
     if args.compile is None:
         args.compile = device.type == "cuda"
+    autocast, scaler, precision = autocast_for(device, args.precision)
+    return Run(args, device, config, tokenizer, ckpt, autocast, scaler, precision)
+
+
+def build_model(run: Run) -> tuple[FILIP, torch.optim.Optimizer, Progress, dict]:
+    """(model in train mode, optimizer, progress, data counts so far): fresh from --seed, or as the checkpoint
+    left them (weights, optimizer state, step, random state)."""
+    args = run.args
+    torch.manual_seed(args.seed)
+    model = FILIP(run.config).to(run.device)
+    optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    progress, counts = Progress(), {}
+    if run.ckpt is not None:
+        model.load_state_dict(run.ckpt["model"])
+        optimizer.load_state_dict(run.ckpt["optimizer"])
+        progress = Progress(int(run.ckpt["step"]), float(run.ckpt["train_seconds"]))
+        counts = dict(run.ckpt.get("data_counts", {}))
+        torch.set_rng_state(run.ckpt["rng"])
+        _trim_metrics(run.metrics_path, progress.step)
+        print(f"resuming {args.out} at step {progress.step}/{args.steps}")
+    model.train()
     if args.compile:  # compile the towers only: the state_dict keeps its plain parameter names
         model.visual.compile()
         model.text.compile()
+    return model, optimizer, progress, counts
 
-    data_counts: dict = {}  # bad / converted training samples by reason (real data), over the whole run
-    if ckpt is not None and "data_counts" in ckpt:
-        data_counts = dict(ckpt["data_counts"])
 
-    def checkpoint():
-        extra = {"data_counts": data_counts} if real_data(args) else {}
-        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, tokenizer, optimizer=optimizer.state_dict(),
-                        step=step, train_seconds=train_seconds, args=vars(args), rng=torch.get_rng_state(), **extra)
-
-    epoch_len = None
+def open_train_data(run: Run, step: int, counts: dict) -> TrainData:
+    """The batches from step `step` on: the built-in stream, or a DataLoader over --train-data."""
+    args = run.args
     if real_data(args):
-        stream, epoch_len = open_real_data(args, config, tokenizer, device, step)
+        batches, epoch_len = open_real_data(args, run.config, run.tokenizer, run.device, step)
     else:
-        stream = iter(BuiltinTrainStream(args.batch_size, config.image_size, seed=args.seed, start_step=step))
+        batches, epoch_len = iter(BuiltinTrainStream(args.batch_size, run.config.image_size, seed=args.seed,
+                                                     start_step=step)), None
+    return TrainData(batches, args.batch_size, epoch_len, counts)
+
+
+def save_run(run: Run, model: FILIP, optimizer, progress: Progress, data: TrainData) -> None:
+    """checkpoint.pt: everything --resume needs to continue as if never stopped."""
+    extra = {"data_counts": data.counts} if real_data(run.args) else {}
+    save_checkpoint(os.path.join(run.args.out, "checkpoint.pt"), model, run.tokenizer,
+                    optimizer=optimizer.state_dict(), step=progress.step, train_seconds=progress.train_seconds,
+                    args=vars(run.args), rng=torch.get_rng_state(), **extra)
+
+
+def train(args, argv=()) -> dict:
+    """One run: set up, build the model, train to --steps (or --stop-at), then evaluate and write the report."""
+    run = setup(args, argv)
+    os.makedirs(run.args.out, exist_ok=True)
+    model, optimizer, progress, counts = build_model(run)
+    data = open_train_data(run, progress.step, counts)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"minifilip {args.preset} ({n_params / 1e6:.1f}M params), loss={config.loss}, batch {args.batch_size}, "
-          f"{args.steps} steps on {device} ({precision}) -> {args.out}")
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
-    window_start, window_images = time.time(), 0
+    print(f"minifilip {run.args.preset} ({n_params / 1e6:.1f}M params), loss={run.config.loss}, "
+          f"batch {run.args.batch_size}, {run.args.steps} steps on {run.device} ({run.precision}) -> {run.args.out}")
+    train_steps(run, model, optimizer, data, progress)
+    if progress.step < run.args.steps:
+        print(f"stopped at step {progress.step}/{run.args.steps}; continue with --resume {run.args.out}")
+        return {}
+    return final_report(run, model, progress, data)
+
+
+def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Progress) -> None:
+    """The training loop, to --steps or --stop-at; each step's phases in the order they happen."""
+    args, device = run.args, run.device
     stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
-    while step < stop:
+    bar = tqdm(total=args.steps, initial=progress.step, desc="train", dynamic_ncols=True, disable=None)
+    window_start, window_images = time.time(), 0  # throughput since the last metrics line
+    while progress.step < stop:
         t0 = time.time()
-        if epoch_len is None:
-            images, captions = next(stream)
-        else:
-            try:
-                images, captions, _keys, counts = next(stream)
-            except StopIteration:
-                raise ValueError(f"the training data ran out at step {step}: no worker found a usable sample "
-                                 f"(bad samples so far: {split_counts(data_counts)[0]})") from None
-            for reason, n in counts.items():
-                data_counts[reason] = data_counts.get(reason, 0) + n
-        images, ids = images.to(device, non_blocking=True), tokenizer.encode(captions, config.context_length).to(device)
+        # ---- the batch: images to the device, captions to token ids
+        images, captions = data.next_batch(progress.step)
+        images = images.to(device, non_blocking=True)
+        ids = run.tokenizer.encode(captions, run.config.context_length).to(device)
+        # ---- the learning rate of this step
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(progress.step, lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps)
+        # ---- forward, backward, optimizer step
         optimizer.zero_grad(set_to_none=True)
-        if args.micro_batch_size:  # gradient caching: memory of a micro-batch, gradient of the whole batch
-            with autocast():
-                loss = cached_backward(model, images, ids, args.micro_batch_size, scaler=scaler)
-        else:
-            with autocast():
-                loss = model.loss(images, ids)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        step += 1
-        train_seconds += time.time() - t0
+        loss = forward_backward(model, images, ids, micro_batch_size=args.micro_batch_size, autocast=run.autocast,
+                                scaler=run.scaler)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        progress.step += 1
+        progress.train_seconds += time.time() - t0
+        # ---- logging: the progress bar every step, a metrics.jsonl line every --log-every steps
         window_images += len(captions)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise RuntimeError(f"loss became {loss_value} at step {step}; lower --lr or use --precision fp32")
+            raise RuntimeError(f"loss became {loss_value} at step {progress.step}; lower --lr or use --precision fp32")
+        img_per_s = window_images / (time.time() - window_start)
         bar.update(1)
-        postfix = dict(loss=f"{loss_value:.3f}", img_s=f"{window_images / (time.time() - window_start):.0f}")
-        if epoch_len is not None:
-            bad, converted = split_counts(data_counts)
-            postfix.update(epoch=f"{step * args.batch_size / epoch_len:.2f}", bad=sum(bad.values()),
-                           conv=sum(converted.values()))
-        bar.set_postfix(**postfix)
-        if step % args.log_every == 0 or step == args.steps:
-            row = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                   "temperature": 1.0 / model.temperature_scale.item(),
-                   "img_per_s": window_images / (time.time() - window_start), "train_seconds": train_seconds}
+        bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", **data.postfix(progress.step))
+        if progress.step % args.log_every == 0 or progress.step == args.steps:
+            row = {"step": progress.step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                   "temperature": 1.0 / model.inverse_temperature.item(), "img_per_s": img_per_s,
+                   "train_seconds": progress.train_seconds}
             if device.type == "cuda":
                 row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            if epoch_len is not None:
-                bad, converted = split_counts(data_counts)
-                row.update(epoch=step * args.batch_size / epoch_len, bad_samples=bad, converted_samples=converted)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(run.metrics_path, {**row, **data.log_fields(progress.step)})
             window_start, window_images = time.time(), 0
-        if step % args.save_every == 0 or step == stop:
-            checkpoint()
+        # ---- checkpoint every --save-every steps and where this invocation stops
+        if progress.step % args.save_every == 0 or progress.step == stop:
+            save_run(run, model, optimizer, progress, data)
     bar.close()
-    if step < args.steps:
-        print(f"stopped at step {step}/{args.steps}; continue with --resume {args.out}")
-        return {}
 
+
+def load_val_pairs(run: Run) -> tuple[torch.Tensor, list[str]]:
+    """(images, captions) held out for evaluation: the built-in val split, or the first --val-size samples of
+    --val-data (without it, of --train-data)."""
+    args, size = run.args, run.config.image_size
     if real_data(args):
-        val_spec = args.val_data or args.train_data
-        images, captions, _keys, _counts = load_pairs(val_spec, args.val_size, config.image_size, csv_options(args))
+        images, captions, _keys, _counts = load_pairs(args.val_data or args.train_data, args.val_size, size,
+                                                      csv_options(args))
     else:
-        images, captions, _ = builtin_val_pairs(args.val_size, config.image_size, seed=args.seed)
-    ids = tokenizer.encode(captions, config.context_length)
-    val = evaluate_retrieval(model, images, ids, captions, device, args.eval_batch_size, autocast)
-    final = {"val": val, "train_seconds": round(train_seconds, 1), "preset": args.preset, "loss": config.loss,
-             "steps": step, "batch_size": args.batch_size}
+        images, captions, _scenes = builtin_val_pairs(args.val_size, size, seed=args.seed)
+    return images, captions
+
+
+def held_out_retrieval(run: Run, model: FILIP, val: tuple[torch.Tensor, list[str]]) -> dict:
+    """R@1 / R@5 both ways on the held-out pairs (evaluate.retrieval, under the training precision)."""
+    images, captions = val
+    return retrieval(model, run.tokenizer, images, captions, run.args.eval_batch_size, ks=(1, 5),
+                     autocast=run.autocast)
+
+
+def final_report(run: Run, model: FILIP, progress: Progress, data: TrainData) -> dict:
+    """Held-out retrieval at the end of training -> final.json, loss.png and a table on stdout."""
+    args = run.args
+    val = load_val_pairs(run)
+    final = {"val": held_out_retrieval(run, model, val), "train_seconds": round(progress.train_seconds, 1),
+             "preset": args.preset, "loss": run.config.loss, "steps": progress.step, "batch_size": args.batch_size}
     if real_data(args):
+        bad, converted = split_counts(data.counts)
         final.update(train_data=args.train_data, val_source=args.val_data or
-                     f"train (first {len(captions)} samples of --train-data, not held out)",
-                     bad_samples=split_counts(data_counts)[0], converted_samples=split_counts(data_counts)[1])
+                     f"train (first {len(val[1])} samples of --train-data, not held out)",
+                     bad_samples=bad, converted_samples=converted)
     with open(os.path.join(args.out, "final.json"), "w") as f:
         json.dump(final, f, indent=2)
-    plot_loss(metrics_path, os.path.join(args.out, "loss.png"))
+    plot_loss(run.metrics_path, os.path.join(args.out, "loss.png"))
     print_table(final)
     return final
 

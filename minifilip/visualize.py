@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from .data.builtin import images_to_tensor  # noqa: E402
+from .cli import Parser, one_line  # noqa: E402
+from .data.transforms import images_to_tensor  # noqa: E402
 from .tokenizer import split_words  # noqa: E402
 
 DPI = 100
@@ -83,7 +84,8 @@ def default_highlight(tokens: list[str], candidates: torch.Tensor) -> list[int]:
 
 
 def token_line(tokens: list[str], highlight=()) -> str:
-    """'[BOS]0 a1 red2 circle3 .4 [EOS]5' style caption with each token's index; highlighted ones in capitals."""
+    """The caption with each token's index, highlighted tokens in capitals:
+    '[BOS]:0  a:1  RED:2  circle:3  .:4  [EOS]:5'."""
     return "  ".join(f"{t.upper() if i in highlight else t}:{i}" for i, t in enumerate(tokens))
 
 
@@ -183,20 +185,10 @@ def render(model, tokenizer, image: np.ndarray, text: str, out: str, view: str =
     return paths
 
 
-def one_line(e: Exception) -> str:
-    """An error message on one line (some library errors span several)."""
-    return " ".join(str(e).split())
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m minifilip.visualize",
-                description="Word-patch alignment of a FILIP/CLIP checkpoint: per-word heatmaps and the paper's "
-                            "Fig. 4 view (each patch labelled by its most similar token).")
+    p = Parser(prog="python -m minifilip.visualize",
+               description="Word-patch alignment of a FILIP/CLIP checkpoint: per-word heatmaps and the paper's "
+                           "Fig. 4 view (each patch labelled by its most similar token).")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train_small.py")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="any image file; resized and center-cropped to the model's image_size")

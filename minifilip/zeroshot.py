@@ -12,6 +12,8 @@ CLIP model (one global token per text) that is exactly CLIP's own prompt ensembl
 
 Sources: the built-in data's single-object val scenes (label = the object's shape, or its colour) and any
 ImageFolder-style directory (one sub-folder per class, its name is the class name; "_" reads as a space).
+
+Axis letters in the einops patterns: i images, k classes, c templates (prompts per class), d embedding dim.
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from . import cmli
-from .data.builtin import images_to_tensor
-from .data.grounded import COLORS, SHAPES, render_scene
+from .data.builtin import find_val_scenes
+from .data.decode import IMAGE_EXTS
+from .data.grounded import COLORS, SHAPES
+from .data.transforms import images_to_tensor
+from .model import pairwise_scores, pick_direction
 from .tokenizer import UNK_ID, split_words
 
 # A few of CLIP's ImageNet templates (Radford et al. 2021), for real photos.
@@ -57,39 +61,20 @@ def unknown_words(tokenizer, texts: list[str]) -> list[str]:
     return sorted({w for t in texts for w in split_words(t) if tokenizer.stoi.get(w, UNK_ID) == UNK_ID})
 
 
-def scores(image_tokens, image_mask, text_tokens, text_mask, block: int = 64):
-    """(s_i2t, s_t2i) (I, T) like FILIP.scores: cosine for one global token per side, else late interaction.
-    Works on any encoded tensors (no model needed), in blocks of images to bound memory."""
-    parts = []
-    for i in range(0, image_tokens.shape[0], block):
-        img, msk = image_tokens[i:i + block], image_mask[i:i + block]
-        if img.shape[1] == 1 and text_tokens.shape[1] == 1:
-            cos = img[:, 0].float() @ text_tokens[:, 0].float().t()  # (b, T)
-            parts.append((cos, cos))
-        else:
-            parts.append(cmli.late_interaction(img, msk, text_tokens, text_mask))
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-def pick(s_i2t: torch.Tensor, s_t2i: torch.Tensor, direction: str) -> torch.Tensor:
-    """One score matrix: "i2t" (images rank texts, the default for classification), "t2i", or their "mean"."""
-    if direction not in ("i2t", "t2i", "mean"):
-        raise ValueError(f"direction must be 'i2t', 't2i' or 'mean', got {direction!r}")
-    return {"i2t": s_i2t, "t2i": s_t2i, "mean": 0.5 * (s_i2t + s_t2i)}[direction]
-
-
 def ensemble_scores(image_tokens, image_mask, text_tokens, text_mask, n_templates: int,
-                    ensemble: str = "similarity", direction: str = "i2t") -> torch.Tensor:
+                    ensemble: str = "similarity", direction: str = "i2t", impl: str = "auto") -> torch.Tensor:
     """Class scores (I, K) from encoded images and K * C encoded prompts, class-major (class k's C templates are
     rows k*C ... k*C + C - 1 of text_tokens (K*C, L, D), text_mask (K*C, L)).
 
     ensemble="similarity": mean over templates of the similarity (FILIP). "embedding": score each image against
     one averaged class embedding (CLIP-style; see the module docstring for the token-level pooling).
+    Scored like the model scores (model.pairwise_scores, late-interaction implementation `impl`).
     """
     if text_tokens.shape[0] % n_templates:
         raise ValueError(f"{text_tokens.shape[0]} prompts are not a whole number of {n_templates} templates")
     if ensemble == "similarity":
-        s = pick(*scores(image_tokens, image_mask, text_tokens, text_mask), direction)  # (I, K*C)
+        s_i2t, s_t2i = pairwise_scores(image_tokens, image_mask, text_tokens, text_mask, impl)  # (I, K*C) each
+        s = pick_direction(s_i2t, s_t2i, direction)
         return rearrange(s, "i (k c) -> i k c", c=n_templates).mean(dim=2)  # average the similarities
     if ensemble == "embedding":
         m = text_mask[..., None].to(text_tokens.dtype)  # (K*C, L, 1)
@@ -97,7 +82,7 @@ def ensemble_scores(image_tokens, image_mask, text_tokens, text_mask, n_template
         cls = F.normalize(rearrange(pooled, "(k c) d -> k c d", c=n_templates).mean(1), dim=-1)  # (K, D)
         cls = cls[:, None].to(text_tokens.dtype)  # (K, 1, D): a one-token "text" per class
         ones = torch.ones(cls.shape[:2], dtype=torch.bool, device=cls.device)
-        return pick(*scores(image_tokens, image_mask, cls, ones), direction)
+        return pick_direction(*pairwise_scores(image_tokens, image_mask, cls, ones, impl), direction)
     raise ValueError(f"ensemble must be 'similarity' or 'embedding', got {ensemble!r}")
 
 
@@ -134,7 +119,8 @@ def zero_shot(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, clas
         print(f"warning: prompt words not in the vocabulary become [UNK]: {', '.join(unknown[:20])}", file=sys.stderr)
     img = encode_images(model, images, batch_size)
     txt = encode_texts(model, tokenizer, prompts, batch_size)
-    s = ensemble_scores(*img, *txt, n_templates=len(templates), ensemble=ensemble, direction=direction)  # (I, K)
+    s = ensemble_scores(*img, *txt, n_templates=len(templates), ensemble=ensemble, direction=direction,
+                        impl=model.config.cmli_impl)  # (I, K)
     pred = s.argmax(dim=1).cpu()
     return {"acc": float((pred == labels).float().mean()), "n": len(labels), "classes": len(class_names),
             "chance": 1.0 / len(class_names), "templates": len(templates), "unknown_words": unknown}
@@ -145,17 +131,13 @@ def builtin_zeroshot_data(task: str, n: int = 300, image_size: int = 64, seed: i
     task "shape": label = the object's shape; "color": its colour."""
     if task not in BUILTIN_TASKS:
         raise ValueError(f"task must be one of {list(BUILTIN_TASKS)}, got {task!r}")
-    names, scenes, i = BUILTIN_TASKS[task], [], 0
-    while len(scenes) < n:
-        sc = render_scene(seed, "val", i, image_size)
-        if len(sc.objects) == 1:
-            scenes.append(sc)
-        i += 1
+    names = BUILTIN_TASKS[task]
+    scenes = [sc for _i, sc in find_val_scenes(lambda sc: len(sc.objects) == 1, n, image_size, seed)]
     labels = torch.tensor([names.index(sc.objects[0][task]) for sc in scenes])
     return images_to_tensor([sc.image for sc in scenes]), labels, list(names)
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = tuple("." + ext for ext in IMAGE_EXTS)  # the data loaders' list, with the dot
 
 
 def image_folder(root: str, image_size: int, limit_per_class: int | None = None):

@@ -15,8 +15,9 @@ def test_same_seed_same_scene_other_seed_other_scene():
     c = render_scene(4, "train", 17)
     assert not np.array_equal(a.image, c.image)
     s1, s2 = BuiltinTrainStream(4, seed=1), BuiltinTrainStream(4, seed=1)
-    (x1, c1), (x2, c2) = s1.batch(5), s2.batch(5)
-    assert (x1 == x2).all() and c1 == c2
+    (x1, c1, k1, n1), (x2, c2, k2, n2) = s1.batch(5), s2.batch(5)
+    assert (x1 == x2).all() and c1 == c2 and k1 == k2 == [f"train/{i:06d}" for i in range(20, 24)]
+    assert n1 == n2 == {}  # the shape of a real-data batch: (images, captions, keys, bad-sample counts)
 
 
 def test_masks_are_exact_and_where_the_object_was_drawn():

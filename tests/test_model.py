@@ -92,10 +92,22 @@ def test_wrong_inputs_raise_clear_errors():
 
 def test_temperature_init_and_clamp():
     model = FILIP(small_config())
-    assert abs(float(1 / model.temperature_scale.detach()) - 0.07) < 1e-6
+    assert abs(float(1 / model.inverse_temperature.detach()) - 0.07) < 1e-6
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-    assert float(model.temperature_scale.detach()) == pytest.approx(100.0)
+    assert float(model.inverse_temperature.detach()) == pytest.approx(100.0)  # 1 / min_temperature
+    model = FILIP(small_config(min_temperature=0.05))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert float(model.inverse_temperature.detach()) == pytest.approx(20.0)
+
+
+def test_config_of_older_checkpoints_loads():
+    """Configs saved before the temperature vocabulary hold max_logit_scale (a clamp on 1/tau)."""
+    old = {k: v for k, v in small_config().to_dict().items() if k != "min_temperature"}
+    cfg = FILIPConfig.from_dict({**old, "max_logit_scale": 50.0})
+    assert cfg.min_temperature == 1 / 50.0 and "max_logit_scale" not in cfg.to_dict()
+    assert FILIPConfig.from_dict({**old, "max_logit_scale": 100.0}) == small_config()
 
 
 def test_loss_is_stable_for_huge_logits():

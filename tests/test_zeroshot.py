@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from minifilip import FILIP, FILIPConfig, WordTokenizer
 from minifilip.cmli import late_interaction_reference
 from minifilip.data.grounded import COLORS, SHAPES, vocabulary
-from minifilip.zeroshot import (BUILTIN_TEMPLATES, builtin_zeroshot_data, ensemble_scores, fill, pick, scores,
-                                unknown_words, zero_shot)
+from minifilip.model import pairwise_scores, pick_direction
+from minifilip.zeroshot import BUILTIN_TEMPLATES, builtin_zeroshot_data, ensemble_scores, fill, unknown_words, zero_shot
 
 
 def _random_tokens(n, length, dim=8):
@@ -25,7 +25,7 @@ def test_one_template_equals_plain_similarity(direction):
     txt, txt_mask = _random_tokens(4, 7)  # 4 classes x 1 template
     got = ensemble_scores(img, img_mask, txt, txt_mask, n_templates=1, direction=direction)
     s_i2t, s_t2i = late_interaction_reference(img, img_mask, txt, txt_mask)
-    assert torch.allclose(got, pick(s_i2t, s_t2i, direction), atol=1e-5)
+    assert torch.allclose(got, pick_direction(s_i2t, s_t2i, direction), atol=1e-5)
 
 
 def test_similarity_ensemble_is_the_mean_of_late_interaction_scores():
@@ -55,7 +55,7 @@ def test_embedding_ensemble_with_one_template_pools_tokens():
     img, img_mask = _random_tokens(2, 4)
     txt, txt_mask = _random_tokens(3, 5)
     pooled = F.normalize((txt * txt_mask[..., None]).sum(1), dim=-1)[:, None]  # (3, 1, D)
-    want, _ = scores(img, img_mask, pooled, torch.ones(3, 1, dtype=torch.bool))
+    want, _ = pairwise_scores(img, img_mask, pooled, torch.ones(3, 1, dtype=torch.bool))
     got = ensemble_scores(img, img_mask, txt, txt_mask, n_templates=1, ensemble="embedding")
     assert torch.allclose(got, want, atol=1e-5)
 

@@ -1,30 +1,26 @@
-"""Batches of the built-in grounded dataset, ready for the model.
+"""Batches of the built-in grounded dataset, shaped like those of the real sources.
 
 The training stream is indexed by step: batch `s` holds scenes s*B ... s*B + B - 1 (modulo the split size)
 with one of each scene's captions drawn at random from a generator seeded by (seed, step). So a run
 resumed at step s sees exactly the batches an uninterrupted run would have seen.
+
+Like a real-data DataLoader (`sources.make_loader`), the stream yields (images, captions, keys, counts): the
+keys name the scenes ("train/000123") and the counts of bad / converted samples are always empty, because a
+rendered scene is never bad. So the training loop reads both kinds of data the same way.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
-import torch
 
-from .grounded import CAPTIONS_PER_SCENE, render_scene
-
-# CLIP's normalisation constants, used for every source so checkpoints are interchangeable
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def images_to_tensor(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W), CLIP-normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2).float() / 255.0
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+from .grounded import CAPTIONS_PER_SCENE, Scene, render_scene
+from .transforms import images_to_tensor
 
 
 class BuiltinTrainStream:
-    """Iterates (images (B, 3, S, S), captions list[str]) from step `start_step` on, forever."""
+    """Iterates (images (B, 3, S, S), captions list[str], keys list[str], counts {}) from step `start_step`
+    on, forever."""
 
     def __init__(self, batch_size: int, image_size: int = 64, seed: int = 0, start_step: int = 0,
                  num_scenes: int = 200_000):
@@ -32,12 +28,14 @@ class BuiltinTrainStream:
         self.step, self.num_scenes = start_step, num_scenes
 
     def batch(self, step: int):
+        """Batch number `step`: (images (B, 3, S, S), captions, keys, counts {})."""
         rng = np.random.default_rng([self.seed, 7, step])  # caption choice: one of each scene's phrasings
         first = step * self.batch_size
-        scenes = [render_scene(self.seed, "train", (first + b) % self.num_scenes, self.image_size)
-                  for b in range(self.batch_size)]
+        indices = [(first + b) % self.num_scenes for b in range(self.batch_size)]
+        scenes = [render_scene(self.seed, "train", i, self.image_size) for i in indices]
         picks = rng.integers(CAPTIONS_PER_SCENE, size=len(scenes))
-        return images_to_tensor([sc.image for sc in scenes]), [sc.captions[k] for sc, k in zip(scenes, picks)]
+        captions = [sc.captions[k] for sc, k in zip(scenes, picks)]
+        return images_to_tensor([sc.image for sc in scenes]), captions, [f"train/{i:06d}" for i in indices], {}
 
     def __iter__(self):
         while True:
@@ -49,3 +47,19 @@ def builtin_val_pairs(n: int = 1000, image_size: int = 64, seed: int = 0):
     """The first n validation scenes: (images (n, 3, S, S), captions (their first phrasing), scenes)."""
     scenes = [render_scene(seed, "val", i, image_size) for i in range(n)]
     return images_to_tensor([sc.image for sc in scenes]), [sc.captions[0] for sc in scenes], scenes
+
+
+def find_val_scenes(keep: Callable[[Scene], bool], count: int, image_size: int = 64, seed: int = 0,
+                    search: int = 100_000) -> list[tuple[int, Scene]]:
+    """(index, scene) of the first `count` val scenes with keep(scene) true, in index order: a fixed choice, so
+    figures and zero-shot sets are the same in every run. Looks at most `search` scenes."""
+    found = []
+    for i in range(search):
+        if len(found) == count:
+            break
+        scene = render_scene(seed, "val", i, image_size)
+        if keep(scene):
+            found.append((i, scene))
+    if len(found) < count:
+        raise ValueError(f"only {len(found)} of the first {search} val scenes qualify; {count} asked for")
+    return found

@@ -22,7 +22,9 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# The one list of image file extensions (lower case, no dot) for tar members, img2dataset folders and ImageFolder
+# trees; when a sample has several, the first one listed wins.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXT = "txt"
 # Pixel limit checked from the header, before the pixels are decoded: a 20000x20000 "image" would take 1.2 GB
 # of RAM in a worker. 89.5M is PIL's own decompression-bomb threshold; CC3M originals are far below it.

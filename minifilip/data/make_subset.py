@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .decode import BadSample, decode_captions, decode_image, split_counts
 from .shards import group_to_raw, iter_tar_groups, shard_sizes
-from .sources import CsvOptions, _list_dataset, shard_files, source_kind
+from .sources import CsvOptions, list_dataset, shard_files, source_kind
 from .writer import ShardWriter
 
 
@@ -53,7 +53,7 @@ def iter_chosen(spec: str, chosen: list[int], csv: CsvOptions | None, counts: Co
     """Raw samples (key, image bytes/path, caption blobs) at the chosen global positions, in source order."""
     kind = source_kind(spec)
     if kind != "shards":
-        dataset = _list_dataset(spec, kind, csv)
+        dataset = list_dataset(spec, kind, csv)
         for i in chosen:
             yield dataset.raw(i)
         return
@@ -82,7 +82,7 @@ def make_subset(src: str, out: str, n: int, size: int = 0, seed: int = 0, qualit
                 samples_per_shard: int = 10_000, csv: CsvOptions | None = None, progress: bool = True) -> dict:
     """Write the subset; returns a summary dict (also saved as out/subset.json)."""
     kind = source_kind(src)
-    total = sum(shard_sizes(shard_files(src))) if kind == "shards" else len(_list_dataset(src, kind, csv))
+    total = sum(shard_sizes(shard_files(src))) if kind == "shards" else len(list_dataset(src, kind, csv))
     if total == 0:
         raise ValueError(f"{src!r} holds no samples")
     chosen = choose(total, n, seed)

@@ -67,7 +67,8 @@ def shard_files(spec: str) -> list[str]:
     return expand_urls(spec)
 
 
-def _list_dataset(spec: str, kind: str, csv: CsvOptions | None):
+def list_dataset(spec: str, kind: str, csv: CsvOptions | None):
+    """The random-access dataset behind a 'csv' or 'folder' spec (see source_kind): a CsvDataset or FolderDataset."""
     csv = csv or CsvOptions()
     if kind == "csv":
         return CsvDataset(os.path.expanduser(spec.strip()), img_key=csv.img_key, caption_key=csv.caption_key,
@@ -81,7 +82,7 @@ def open_stream(spec: str, transform, *, csv: CsvOptions | None = None, shuffle_
     kind = source_kind(spec)
     if kind == "shards":
         return ShardStream(shard_files(spec), transform, shuffle_buffer=shuffle_buffer, **stream_kwargs)
-    dataset = _list_dataset(spec, kind, csv)
+    dataset = list_dataset(spec, kind, csv)
     if len(dataset) == 0:
         raise ValueError(f"{spec} holds no samples")
     return IndexStream(dataset, transform, **stream_kwargs)
@@ -159,7 +160,7 @@ def iter_captions(spec: str, limit: int = 0, csv: CsvOptions | None = None) -> I
         groups = ((k, m) for url in shard_files(spec) for k, m in iter_tar_groups(url, Counter(), captions_only=True))
         blob_lists = ([m[e] for e in m if e.endswith("txt")] for _k, m in groups)
     else:
-        dataset = _list_dataset(spec, kind, csv)
+        dataset = list_dataset(spec, kind, csv)
         blob_lists = (dataset.captions(i) for i in range(len(dataset)))
     for blobs in blob_lists:
         try:

@@ -1,15 +1,19 @@
-"""Image transforms for real photos: the paper's training augmentation and a plain evaluation resize.
+"""Image transforms: the paper's training augmentation, a plain evaluation resize, and CLIP's normalisation.
 
 FILIP trains with random resized crops plus AutoAugment (Sec. 4 of the paper); evaluation uses the usual
-resize of the shorter side + center crop. Both end with CLIP's normalisation, the same constants the built-in
-dataset uses, so a checkpoint is interchangeable between sources.
+resize of the shorter side + center crop. Every source ends with CLIP's normalisation (the built-in dataset's
+uint8 arrays through `images_to_tensor`, real photos through `normalize`), so a checkpoint is interchangeable
+between sources.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision import transforms as T
 
-from .builtin import CLIP_MEAN, CLIP_STD
+# CLIP's normalisation constants, used for every source so checkpoints are interchangeable
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # smallest crop area as a fraction of the image: CLIP-style (0.9-1.0) keeps objects whole, ImageNet-style (0.08)
 # often cuts away what the caption talks about; half the image is a middle ground for captioned photos
@@ -19,6 +23,13 @@ TRAIN_CROP_SCALE = (0.5, 1.0)
 def normalize() -> T.Compose:
     """PIL RGB -> float (3, H, W) tensor, CLIP-normalised."""
     return T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def images_to_tensor(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W), CLIP-normalised (for arrays: the built-in scenes, loaded files)."""
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2).float() / 255.0
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def train_transform(image_size: int, autoaugment: bool = True, scale=TRAIN_CROP_SCALE) -> T.Compose:
