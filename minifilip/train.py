@@ -10,6 +10,10 @@ Everything a run produces lands in its output folder:
 Data: the built-in grounded shapes by default; --train-data / --val-data read webdataset tar shards, TSV/CSV
 lists or img2dataset folders (minifilip/data/sources.py, README.md, "Training on CC3M"). With real data the stream is
 reproducible from (seed, epoch); --resume restarts the stream at the beginning of the epoch it stopped in.
+
+Reading order: `train` is setup -> build_model -> open_train_data -> train_steps -> final_report, and
+`train_steps` is the loop, one step in five phases: the batch, the learning rate, forward + backward + optimizer
+step, logging, checkpoint.
 """
 from __future__ import annotations
 
@@ -400,7 +404,7 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
         optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(model, images, ids, micro_batch_size=args.micro_batch_size, autocast=run.autocast,
                                 scaler=run.scaler)
-        run.scaler.step(optimizer)
+        run.scaler.step(optimizer)  # optimizer.step(); under fp16 it first unscales, and skips inf/NaN steps
         run.scaler.update()
         progress.step += 1
         progress.train_seconds += time.time() - t0
