@@ -72,8 +72,9 @@ def write_figures(model, tokenizer, name: str, folder: str) -> list[str]:
     for i, sc in figure_scenes(model.config.image_size, FIGURE_SCENES):
         highlight = sorted(g.token_index for g in sc.groundings[0])
         title = f"{name} ({model.config.loss}), val scene {i}"
-        paths += visualize.render(model, tokenizer, sc.image, sc.captions[0],
-                                  os.path.join(folder, f"{name}_scene{i}.png"), "both", highlight, title)
+        for view in ("fig4", "heatmaps"):
+            paths += visualize.render(model, tokenizer, sc.image, sc.captions[0],
+                                      os.path.join(folder, f"{name}_scene{i}_{view}.png"), view, highlight, title)
     return paths
 
 

@@ -6,10 +6,14 @@ dataset uses, so a checkpoint is interchangeable between sources.
 """
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 from torchvision import transforms as T
 
 from .builtin import CLIP_MEAN, CLIP_STD
+from .decode import BadSample, decode_image
 
 # smallest crop area as a fraction of the image: CLIP-style (0.9-1.0) keeps objects whole, ImageNet-style (0.08)
 # often cuts away what the caption talks about; half the image is a middle ground for captioned photos
@@ -31,8 +35,24 @@ def train_transform(image_size: int, autoaugment: bool = True, scale=TRAIN_CROP_
 
 def eval_transform(image_size: int) -> T.Compose:
     """Resize the shorter side to image_size, center crop, normalise: deterministic."""
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size),
-                      normalize()])
+    return T.Compose([resize_center_crop(image_size), normalize()])
+
+
+def resize_center_crop(image_size: int) -> T.Compose:
+    """The geometric part of eval_transform: shorter side to image_size (bicubic), then a center crop."""
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)])
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+    """One image file as evaluation sees it: decoded like training data (16-bit rescaled, transparency on
+    white, CMYK/palette converted; see decode.decode_image), resized and center-cropped -> (S, S, 3) uint8."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no image at {path}")
+    try:
+        img = decode_image(path)
+    except BadSample as e:  # one line, e.g. "too_large: 30000x30000" for a decompression bomb
+        raise ValueError(f"cannot read image {path} ({e})") from None
+    return np.asarray(resize_center_crop(image_size)(img), dtype=np.uint8)
 
 
 def draft_side_for(image_size: int, train: bool) -> int:
