@@ -24,7 +24,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from . import runs
+from .checkpoint import checked_config, load_checkpoint, save_checkpoint
+from .checks import DefaultsHelpFormatter, check_number, one_line, parse_device
 from .config import PRESETS, FILIPConfig
 from .gradcache import cached_backward
 from .data.builtin import BuiltinTrainStream, builtin_val_pairs
@@ -51,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="train_small.py", description="Train a small FILIP (or CLIP baseline) from scratch. "
                 "Defaults: the built-in grounded shapes dataset and the 'tiny' preset, a few minutes on a CPU.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (see FILIPConfig)")
     p.add_argument("--loss", default="filip", choices=["filip", "clip"],
                    help="filip: token-wise late interaction; clip: global CLS/EOS cosine (the baseline)")
@@ -73,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the two encoders (default: on with CUDA, where it measured 1.37x faster "
                         "for the small preset; off on the CPU)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>); a folder that already "
+                   "holds a run is refused unless --resume or --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that holds a run: its run files are removed first")
     p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run in DIR from its checkpoint.pt (to --steps in total)")
+                   help="continue the run in DIR from its checkpoint.pt (to --steps in total); only "
+                        + ", ".join("--" + k.replace("_", "-") for k in RESUME_OVERRIDABLE)
+                        + " and --stop-at may be given with it")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="end this invocation after STEP steps with a checkpoint (continue later with --resume)")
     p.add_argument("--val-size", type=int, default=1000, help="held-out pairs for the final retrieval eval")
@@ -91,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "samples of --train-data are used, with a warning (they are not held out)")
     d.add_argument("--vocab-size", type=int, default=32000,
                    help="max vocabulary entries (special tokens included) fitted on the --train-data captions")
-    d.add_argument("--min-count", type=int, default=1, help="keep only words seen at least this often")
+    d.add_argument("--min-count", type=int, default=2,
+                   help="keep only words seen at least this often (default 2: words seen once - typos, junk "
+                        "captions - become [UNK] instead of growing the vocabulary and the model)")
     d.add_argument("--vocab-samples", type=int, default=200_000,
                    help="fit the vocabulary on the captions of the first this-many training samples (0 = all)")
     d.add_argument("--num-workers", type=int, default=-1,
@@ -100,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shuffle-buffer", type=int, default=1000, help="samples each worker shuffles across shards")
     d.add_argument("--csv-img-key", default="filepath", help="image-path column of a TSV/CSV list")
     d.add_argument("--csv-caption-key", default="title", help="caption column of a TSV/CSV list")
-    d.add_argument("--csv-separator", default="\t", help="field separator of a TSV/CSV list")
+    d.add_argument("--csv-separator", default="\t", help="field separator of a TSV/CSV list (default: a tab)")
     return p
 
 
@@ -112,8 +121,11 @@ def _check_args(args) -> None:
         raise ValueError("--batch-size must be at least 2: contrastive learning needs in-batch negatives")
     if args.micro_batch_size < 0:
         raise ValueError(f"--micro-batch-size must be >= 0 (0 = no gradient caching), got {args.micro_batch_size}")
-    if args.lr <= 0 or args.weight_decay < 0 or args.warmup < 0:
-        raise ValueError("--lr must be positive, --weight-decay and --warmup non-negative")
+    check_number("--lr", args.lr, positive=True)
+    check_number("--weight-decay", args.weight_decay, minimum=0)
+    check_number("--warmup", args.warmup, minimum=0)
+    if args.stop_at is not None and args.stop_at <= 0:
+        raise ValueError(f"--stop-at must be a positive step, got {args.stop_at}")
     if getattr(args, "train_data", None) is not None:  # absent in checkpoints of older runs
         if args.vocab_size <= 4 or args.min_count < 1 or args.vocab_samples < 0 or args.num_workers < -1:
             raise ValueError("need --vocab-size > 4, --min-count >= 1, --vocab-samples >= 0, --num-workers >= -1")
@@ -143,17 +155,13 @@ def fit_tokenizer(args) -> WordTokenizer:
     tokenizer = WordTokenizer.fit(iter_captions(args.train_data, args.vocab_samples, csv_options(args)),
                                   max_size=args.vocab_size, min_count=args.min_count)
     if len(tokenizer) <= 4:
-        raise ValueError(f"no caption words found in {args.train_data} (check --csv-caption-key / the shards)")
+        raise ValueError(f"no caption words seen at least --min-count {args.min_count} times in {args.train_data} "
+                         "(check --csv-caption-key / the shards; a tiny dataset may need --min-count 1)")
     return tokenizer
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)  # raises RuntimeError on nonsense
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but CUDA is not available on this machine")
-    return device
+    return parse_device(name)  # ValueError in one line on nonsense ("--device bogus")
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -233,37 +241,67 @@ def setup(args, argv):
     device = resolve_device(args.device)
     ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        given = given_flags(argv)
+        _check_resume_flags(given)
+        path = os.path.join(args.resume, "checkpoint.pt")
+        ckpt = load_checkpoint(path)
+        missing = [k for k in ("args", "optimizer", "step", "train_seconds", "rng") if k not in ckpt]
+        if missing:
+            raise ValueError(f"{path} has no training state ({', '.join(missing)} missing): it can be evaluated, "
+                             "not resumed")
         saved = dict(ckpt["args"])
         for key in RESUME_OVERRIDABLE:
             if key in given:
                 saved[key] = getattr(args, key)
         args = argparse.Namespace(**{**vars(args), **saved, "resume": args.resume, "out": args.resume,
-                                     "stop_at": args.stop_at})
+                                     "stop_at": args.stop_at, "overwrite": False})
         _check_args(args)
+        if args.stop_at is not None and args.stop_at <= int(ckpt["step"]):
+            raise ValueError(f"--stop-at {args.stop_at}: the run is already at step {int(ckpt['step'])}")
         tokenizer = WordTokenizer.from_dict(ckpt["tokenizer"])
-        config = FILIPConfig.from_dict(ckpt["config"])
+        config = checked_config(ckpt, path)  # the weights fit the config: checked before anything is allocated
     else:
+        args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        runs.check_new_run(args.out, args.overwrite)  # before the (possibly long) vocabulary fit
         tokenizer = fit_tokenizer(args) if real_data(args) else WordTokenizer(vocabulary())
         config = FILIPConfig.preset(args.preset, vocab_size=len(tokenizer), loss=args.loss,
                                     token_keep_ratio=args.token_keep_ratio, dropout=args.dropout)
-        args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     autocast, scaler, precision = autocast_for(device, args.precision)
     return args, device, ckpt, tokenizer, config, autocast, scaler, precision
 
 
+def given_flags(argv) -> set[str]:
+    """The option names (dests) present in argv, however spelled (--batch 64, --lr=5 ...)."""
+    parser, unset = build_parser(), object()
+    # argparse fills in a default only where the namespace has no value yet: pre-fill a marker, see what changed
+    marked = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args([]))})
+    return {dest for dest, value in vars(parser.parse_args(list(argv), namespace=marked)).items() if value is not unset}
+
+
+def _check_resume_flags(given: set[str]) -> None:
+    """--resume takes the run's settings from its checkpoint: a flag that would be ignored is an error."""
+    ignored = sorted(given - set(RESUME_OVERRIDABLE) - {"resume", "stop_at"})
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        allowed = ", ".join("--" + k.replace("_", "-") for k in (*RESUME_OVERRIDABLE, "stop_at"))
+        raise ValueError(f"{flags} cannot be changed when resuming (the run keeps its own settings); with --resume "
+                         f"only {allowed} may be given")
+
+
 def train(args, argv=()) -> dict:
     args, device, ckpt, tokenizer, config, autocast, scaler, precision = setup(args, argv)
-    os.makedirs(args.out, exist_ok=True)
+    runs.start_run(args.out, overwrite=args.overwrite, resume=ckpt is not None)  # checked in setup
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     torch.manual_seed(args.seed)
     model = FILIP(config).to(device)
     optimizer = make_optimizer(model, args)
     step, train_seconds = 0, 0.0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        model.load_state_dict(ckpt["model"])  # shapes checked in setup
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{args.out}/checkpoint.pt: the optimizer state does not fit the model ({e})") from None
         step, train_seconds = int(ckpt["step"]), float(ckpt["train_seconds"])
         torch.set_rng_state(ckpt["rng"])
         _trim_metrics(metrics_path, step)
@@ -328,7 +366,9 @@ def train(args, argv=()) -> dict:
         window_images += len(captions)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise RuntimeError(f"loss became {loss_value} at step {step}; lower --lr or use --precision fp32")
+            hint = "lower --lr" if precision == "fp32" else "lower --lr or use --precision fp32"
+            raise ValueError(f"loss became {loss_value} at step {step}; {hint} (checkpoint.pt keeps the last "
+                             f"saved step)")
         bar.update(1)
         postfix = dict(loss=f"{loss_value:.3f}", img_s=f"{window_images / (time.time() - window_start):.0f}")
         if epoch_len is not None:
@@ -415,6 +455,6 @@ def main(argv=None) -> int:
     try:
         train(args, argv)
     except (ValueError, FileNotFoundError) as e:
-        print(f"train_small.py: error: {e}", file=sys.stderr)
+        print(f"train_small.py: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
