@@ -24,6 +24,8 @@ import torch
 
 from . import pointing, zeroshot
 from .checkpoint import load_model
+from .checks import DefaultsHelpFormatter, one_line, parse_device
+from .runs import check_output_file, check_output_folder
 from .data.builtin import builtin_val_pairs
 from .data.grounded import render_scene
 from .metrics import retrieval_metrics
@@ -48,10 +50,16 @@ def retrieval(model, tokenizer, images: torch.Tensor, captions: list[str], batch
 
 
 def source_pairs(spec: str, n: int, image_size: int):
-    """First n good (image, caption) pairs of any minifilip.data source (TSV/CSV list, shards, img2dataset files)."""
+    """First n good (image, caption) pairs of any minifilip.data source (TSV/CSV list, shards, img2dataset files).
+    Bad samples are skipped; how many, by reason, is printed (stderr) and returned: (images, captions, bad)."""
+    from .data.decode import split_counts
     from .data.sources import load_pairs
-    images, captions, _keys, _counts = load_pairs(spec, n, image_size)
-    return images, captions
+    images, captions, _keys, counts = load_pairs(spec, n, image_size)
+    bad = split_counts(counts)[0]
+    if bad:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items()))
+        print(f"{spec}: skipped {sum(bad.values())} bad samples ({reasons})", file=sys.stderr)
+    return images, captions, bad
 
 
 def figure_scenes(image_size: int, count: int):
@@ -81,14 +89,15 @@ def write_figures(model, tokenizer, name: str, folder: str) -> list[str]:
 def evaluate_checkpoint(path: str, name: str, args) -> dict:
     """Every metric of one checkpoint, as a flat dict (the JSON entry); `name` labels its column and figures."""
     model, tokenizer, ckpt = load_model(path)
-    model.to(args.device)
+    model.to(parse_device(args.device))
     cfg = model.config
     row = {"checkpoint": path, "name": name, "loss": cfg.loss, "token_keep_ratio": cfg.token_keep_ratio,
            "step": ckpt.get("step"), "data": args.data, "retrieval_rule": RETRIEVAL_RULE}
     if args.data == "builtin":
         images, captions, scenes = builtin_val_pairs(args.n, cfg.image_size)
     else:
-        (images, captions), scenes = source_pairs(args.data, args.n, cfg.image_size), None
+        images, captions, bad = source_pairs(args.data, args.n, cfg.image_size)
+        scenes, row["data_bad_samples"] = None, bad
     r = retrieval(model, tokenizer, images, captions, args.batch_size)
     row.update({f"retrieval_{k}": v for k, v in r.items()})
     ensembles = ["similarity", "embedding"] if args.ensemble == "both" else [args.ensemble]
@@ -155,7 +164,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m minifilip.evaluate", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint.pt to evaluate; repeat to compare several side by side")
     p.add_argument("--data", default="builtin", help="'builtin' (grounded shapes val split) or any minifilip.data "
@@ -173,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="late-interaction direction used to score classes for zero-shot")
     p.add_argument("--batch-size", type=int, default=256, help="encoding batch size")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as a JSON list")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as a JSON list (one entry per checkpoint)")
     p.add_argument("--figures", default=None, metavar="DIR", help="write fig4 + heatmap PNGs per checkpoint")
     return p
 
@@ -193,12 +202,17 @@ def main(argv=None) -> int:
     try:
         if args.n < 2 or args.n_zeroshot < 1 or args.batch_size < 1:
             raise ValueError("--n must be >= 2, --n-zeroshot and --batch-size >= 1")
+        parse_device(args.device)
+        if args.json:  # checked before the work: a bad path must not cost the whole evaluation
+            check_output_file(args.json, "--json")
+        if args.figures:
+            check_output_folder(args.figures, "--figures")
         for p in args.checkpoint:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"no checkpoint at {p}")
         rows = [evaluate_checkpoint(p, name, args) for p, name in zip(args.checkpoint, _names(args.checkpoint))]
     except (ValueError, FileNotFoundError) as e:
-        print(f"minifilip.evaluate: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"minifilip.evaluate: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(markdown_table(rows))
     if args.json:
