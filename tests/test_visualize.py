@@ -105,13 +105,13 @@ def test_cli_errors_are_one_line(tmp_path, checkpoint, case):
 def test_load_image_decodes_like_training(tmp_path):
     """16-bit PNGs are rescaled (not clipped to white) and transparency lands on white, as in training."""
     from minifilip import zeroshot
-    from minifilip.data import transforms
-    assert load_image is transforms.load_image
     Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(tmp_path / "grey16.png")  # mid grey, 16 bit
     rgba = np.zeros((32, 32, 4), np.uint8)  # fully transparent black: training puts it on white
     Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
     assert abs(load_image(str(tmp_path / "grey16.png"), 16).mean() - 128) < 2
     assert load_image(str(tmp_path / "clear.png"), 16).min() == 255
+    from minifilip.data import transforms
+    assert load_image is transforms.load_image  # visualize and zeroshot share the training decode path
     (tmp_path / "classes" / "grey").mkdir(parents=True)
     Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(tmp_path / "classes" / "grey" / "a.png")
     images, _labels, _names = zeroshot.image_folder(str(tmp_path / "classes"), 16)  # normalised tensors
