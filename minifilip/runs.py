@@ -24,10 +24,10 @@ def check_output_folder(path: str, flag: str = "--out") -> None:
     _check_parents(path, flag)
 
 
-def check_output_file(path: str, flag: str) -> None:
+def check_output_file(path: str, flag: str, example: str = "out.json") -> None:
     """Raise ValueError if a file cannot be written at `path`: it is a folder, or a parent of it is a file."""
     if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name (e.g. {os.path.join(path, 'out.json')})")
+        raise ValueError(f"{flag} {path} is a folder; give a file name (e.g. {os.path.join(path, example)})")
     _check_parents(os.path.dirname(os.path.abspath(path)), flag, path)
 
 

@@ -140,13 +140,15 @@ def plot_heatmaps(image: np.ndarray, align: dict, words: list[int] | None = None
         r, c = divmod(int(m.argmax()), g)
         ax.add_patch(Rectangle((c * s / g, r * s / g), s / g, s / g, fill=False, ec="cyan", lw=1.5))
         ax.set_title(f"{t}: '{tokens[t]}' (max {m.max():.2f})", fontsize=8)
-    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=list(axes.flat), fraction=0.02, pad=0.01)
-    bar.set_label("patch-word cosine", fontsize=7)
-    bar.ax.tick_params(labelsize=6)
     fig.suptitle((title + "\n" if title else "") + "colour = cosine similarity of each patch to the word "
                  f"(one scale, {vmin:.2f} .. {vmax:.2f}); box = most similar patch", fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.9, top=0.8 if rows == 1 else 0.88, bottom=0.01, wspace=0.05,
-                        hspace=0.25)
+    top, width = (0.8 if rows == 1 else 0.88), fig.get_figwidth()
+    right = 1 - 0.8 / width  # keep 0.8 inch for the colour bar and its labels, whatever the number of panels
+    fig.subplots_adjust(left=0.01, right=right, top=top, bottom=0.01, wspace=0.05, hspace=0.25)
+    bar = fig.colorbar(ScalarMappable(norm, cmap), cax=fig.add_axes((right + 0.08 / width, 0.05, 0.1 / width,
+                                                                     top - 0.1)))
+    bar.set_label("patch-word cosine", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     return fig
 
 
@@ -226,7 +228,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from .runs import check_output_file
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", example="fig.png")
         from .checkpoint import load_model
         model, tokenizer, _ = load_model(args.checkpoint)
         size = model.config.image_size
