@@ -25,8 +25,9 @@ import torch
 
 from . import pointing, zeroshot
 from .checkpoint import load_model
-from .cli import Parser, one_line
+from .cli import DefaultsHelpFormatter, Parser, one_line, parse_device
 from .data.builtin import builtin_val_pairs, find_val_scenes
+from .runs import check_output_file, check_output_folder
 from .metrics import retrieval_metrics
 
 RETRIEVAL_RULE = "identical captions count as the same answer; ties ranked pessimistically"
@@ -54,10 +55,16 @@ def retrieval(model, tokenizer, images: torch.Tensor, captions: list[str], batch
 
 
 def source_pairs(spec: str, n: int, image_size: int):
-    """First n good (image, caption) pairs of any minifilip.data source (TSV/CSV list, shards, img2dataset files)."""
+    """First n good (image, caption) pairs of any minifilip.data source (TSV/CSV list, shards, img2dataset files).
+    Bad samples are skipped; how many, by reason, is printed (stderr) and returned: (images, captions, bad)."""
+    from .data.decode import split_counts
     from .data.sources import load_pairs
-    images, captions, _keys, _counts = load_pairs(spec, n, image_size)
-    return images, captions
+    images, captions, _keys, counts = load_pairs(spec, n, image_size)
+    bad = split_counts(counts)[0]
+    if bad:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items()))
+        print(f"{spec}: skipped {sum(bad.values())} bad samples ({reasons})", file=sys.stderr)
+    return images, captions, bad
 
 
 def write_figures(model, tokenizer, name: str, folder: str) -> list[str]:
@@ -67,22 +74,24 @@ def write_figures(model, tokenizer, name: str, folder: str) -> list[str]:
     for i, sc in find_val_scenes(lambda sc: len(sc.objects) >= 2, FIGURE_SCENES, model.config.image_size):
         highlight = sorted(g.token_index for g in sc.groundings[0])
         title = f"{name} ({model.config.loss}), val scene {i}"
-        paths += visualize.render(model, tokenizer, sc.image, sc.captions[0],
-                                  os.path.join(folder, f"{name}_scene{i}.png"), "both", highlight, title)
+        for view in ("fig4", "heatmaps"):
+            paths += visualize.render(model, tokenizer, sc.image, sc.captions[0],
+                                      os.path.join(folder, f"{name}_scene{i}_{view}.png"), view, highlight, title)
     return paths
 
 
 def evaluate_checkpoint(path: str, name: str, args) -> dict:
     """Every metric of one checkpoint, as a flat dict (the JSON entry); `name` labels its column and figures."""
     model, tokenizer, ckpt = load_model(path)
-    model.to(args.device)
+    model.to(parse_device(args.device))
     cfg = model.config
     row = {"checkpoint": path, "name": name, "loss": cfg.loss, "token_keep_ratio": cfg.token_keep_ratio,
            "step": ckpt.get("step"), "data": args.data, "retrieval_rule": RETRIEVAL_RULE}
     if args.data == "builtin":
         images, captions, scenes = builtin_val_pairs(args.n, cfg.image_size)
     else:
-        (images, captions), scenes = source_pairs(args.data, args.n, cfg.image_size), None
+        images, captions, bad = source_pairs(args.data, args.n, cfg.image_size)
+        scenes, row["data_bad_samples"] = None, bad
     r = retrieval(model, tokenizer, images, captions, args.batch_size)
     row.update({f"retrieval_{k}": v for k, v in r.items()})
     ensembles = ["similarity", "embedding"] if args.ensemble == "both" else [args.ensemble]
@@ -144,7 +153,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m minifilip.evaluate", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint.pt to evaluate; repeat to compare several side by side")
     p.add_argument("--data", default="builtin", help="'builtin' (grounded shapes val split) or any minifilip.data "
@@ -183,6 +192,11 @@ def main(argv=None) -> int:
     try:
         if args.n < 2 or args.n_zeroshot < 1 or args.batch_size < 1:
             raise ValueError("--n must be >= 2, --n-zeroshot and --batch-size >= 1")
+        parse_device(args.device)
+        if args.json:  # checked before the work: a bad path must not cost the whole evaluation
+            check_output_file(args.json, "--json")
+        if args.figures:
+            check_output_folder(args.figures, "--figures")
         for p in args.checkpoint:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"no checkpoint at {p}")

@@ -27,6 +27,17 @@ def split_words(text: str) -> list[str]:
     return _WORD_RE.findall(text.lower())
 
 
+class _class_only(classmethod):
+    """A classmethod that refuses to be called on an instance: `tok.fit(captions)` would build a new tokenizer
+    and throw it away, leaving `tok` empty without a word, so it raises instead."""
+
+    def __get__(self, instance, owner=None):
+        if instance is not None:
+            raise TypeError(f"{self.__func__.__name__} builds a new tokenizer; call it on the class: "
+                            f"tok = WordTokenizer.{self.__func__.__name__}(...)")
+        return super().__get__(instance, owner)
+
+
 class WordTokenizer:
     """Word-level vocabulary with [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3."""
 
@@ -42,7 +53,7 @@ class WordTokenizer:
     def __len__(self) -> int:
         return len(self.itos)
 
-    @classmethod
+    @_class_only
     def fit(cls, captions: Iterable[str], max_size: int = 50_000, min_count: int = 1) -> "WordTokenizer":
         """Build a vocabulary from captions: the most frequent words seen at least `min_count` times,
         at most `max_size` entries in total (special tokens included). Ties break alphabetically."""

@@ -30,8 +30,9 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .cli import Parser
+from . import runs
+from .checkpoint import checked_config, load_checkpoint, save_checkpoint
+from .cli import DefaultsHelpFormatter, Parser, check_number, one_line, parse_device
 from .config import PRESETS, FILIPConfig
 from .data.builtin import BuiltinTrainStream, builtin_val_pairs
 from .data.decode import split_counts
@@ -51,7 +52,7 @@ RESUME_OVERRIDABLE = ("steps", "device", "precision", "log_every", "save_every",
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="train_small.py", description="Train a small FILIP (or CLIP baseline) from scratch. "
                 "Defaults: the built-in grounded shapes dataset and the 'tiny' preset, a few minutes on a CPU.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (see FILIPConfig)")
     p.add_argument("--loss", default="filip", choices=["filip", "clip"],
                    help="filip: token-wise late interaction; clip: global CLS/EOS cosine (the baseline)")
@@ -73,9 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the two encoders (default: on with CUDA, where it measured 1.37x faster "
                         "for the small preset; off on the CPU)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>); a folder that already "
+                   "holds a run is refused unless --resume or --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that holds a run: its run files are removed first")
     p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run in DIR from its checkpoint.pt (to --steps in total)")
+                   help="continue the run in DIR from its checkpoint.pt (to --steps in total); only "
+                        + ", ".join("--" + k.replace("_", "-") for k in RESUME_OVERRIDABLE)
+                        + " and --stop-at may be given with it")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="end this invocation after STEP steps with a checkpoint (continue later with --resume)")
     p.add_argument("--val-size", type=int, default=1000, help="held-out pairs for the final retrieval eval")
@@ -91,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "samples of --train-data are used, with a warning (they are not held out)")
     d.add_argument("--vocab-size", type=int, default=32000,
                    help="max vocabulary entries (special tokens included) fitted on the --train-data captions")
-    d.add_argument("--min-count", type=int, default=1, help="keep only words seen at least this often")
+    d.add_argument("--min-count", type=int, default=2,
+                   help="keep only words seen at least this often (default 2: words seen once - typos, junk "
+                        "captions - become [UNK] instead of growing the vocabulary and the model)")
     d.add_argument("--vocab-samples", type=int, default=200_000,
                    help="fit the vocabulary on the captions of the first this-many training samples (0 = all)")
     d.add_argument("--num-workers", type=int, default=-1,
@@ -100,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shuffle-buffer", type=int, default=1000, help="samples each worker shuffles across shards")
     d.add_argument("--csv-img-key", default="filepath", help="image-path column of a TSV/CSV list")
     d.add_argument("--csv-caption-key", default="title", help="caption column of a TSV/CSV list")
-    d.add_argument("--csv-separator", default="\t", help="field separator of a TSV/CSV list")
+    d.add_argument("--csv-separator", default="\t", help="field separator of a TSV/CSV list (default: a tab)")
     return p
 
 
@@ -112,8 +120,11 @@ def _check_args(args) -> None:
         raise ValueError("--batch-size must be at least 2: contrastive learning needs in-batch negatives")
     if args.micro_batch_size < 0:
         raise ValueError(f"--micro-batch-size must be >= 0 (0 = no gradient caching), got {args.micro_batch_size}")
-    if args.lr <= 0 or args.weight_decay < 0 or args.warmup < 0:
-        raise ValueError("--lr must be positive, --weight-decay and --warmup non-negative")
+    check_number("--lr", args.lr, positive=True)
+    check_number("--weight-decay", args.weight_decay, minimum=0)
+    check_number("--warmup", args.warmup, minimum=0)
+    if args.stop_at is not None and args.stop_at <= 0:
+        raise ValueError(f"--stop-at must be a positive step, got {args.stop_at}")
     if getattr(args, "train_data", None) is not None:  # absent in checkpoints of older runs
         if args.vocab_size <= 4 or args.min_count < 1 or args.vocab_samples < 0 or args.num_workers < -1:
             raise ValueError("need --vocab-size > 4, --min-count >= 1, --vocab-samples >= 0, --num-workers >= -1")
@@ -143,17 +154,13 @@ def fit_tokenizer(args) -> WordTokenizer:
     tokenizer = WordTokenizer.fit(iter_captions(args.train_data, args.vocab_samples, csv_options(args)),
                                   max_size=args.vocab_size, min_count=args.min_count)
     if len(tokenizer) <= 4:
-        raise ValueError(f"no caption words found in {args.train_data} (check --csv-caption-key / the shards)")
+        raise ValueError(f"no caption words seen at least --min-count {args.min_count} times in {args.train_data} "
+                         "(check --csv-caption-key / the shards; a tiny dataset may need --min-count 1)")
     return tokenizer
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)  # raises RuntimeError on nonsense
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but CUDA is not available on this machine")
-    return device
+    return parse_device(name)  # ValueError in one line on nonsense ("--device bogus")
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -305,26 +312,53 @@ def setup(args, argv) -> Run:
     device = resolve_device(args.device)
     ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        given = given_flags(argv)
+        _check_resume_flags(given)
+        path = os.path.join(args.resume, "checkpoint.pt")
+        ckpt = load_checkpoint(path)
+        missing = [k for k in ("args", "optimizer", "step", "train_seconds", "rng") if k not in ckpt]
+        if missing:
+            raise ValueError(f"{path} has no training state ({', '.join(missing)} missing): it can be evaluated, "
+                             "not resumed")
         saved = dict(ckpt["args"])
         for key in RESUME_OVERRIDABLE:
             if key in given:
                 saved[key] = getattr(args, key)
         args = argparse.Namespace(**{**vars(args), **saved, "resume": args.resume, "out": args.resume,
-                                     "stop_at": args.stop_at})
+                                     "stop_at": args.stop_at, "overwrite": False})
         _check_args(args)
+        if args.stop_at is not None and args.stop_at <= int(ckpt["step"]):
+            raise ValueError(f"--stop-at {args.stop_at}: the run is already at step {int(ckpt['step'])}")
         tokenizer = WordTokenizer.from_dict(ckpt["tokenizer"])
-        config = FILIPConfig.from_dict(ckpt["config"])
+        config = checked_config(ckpt, path)  # the weights fit the config: checked before anything is allocated
     else:
+        args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        runs.check_new_run(args.out, args.overwrite)  # before the (possibly long) vocabulary fit
         tokenizer = fit_tokenizer(args) if real_data(args) else WordTokenizer(vocabulary())
         config = FILIPConfig.preset(args.preset, vocab_size=len(tokenizer), loss=args.loss,
                                     token_keep_ratio=args.token_keep_ratio, dropout=args.dropout)
-        args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if args.compile is None:
         args.compile = device.type == "cuda"
     autocast, scaler, precision = autocast_for(device, args.precision)
     return Run(args, device, config, tokenizer, ckpt, autocast, scaler, precision)
+
+
+def given_flags(argv) -> set[str]:
+    """The option names (dests) present in argv, however spelled (--batch 64, --lr=5 ...)."""
+    parser, unset = build_parser(), object()
+    # argparse fills in a default only where the namespace has no value yet: pre-fill a marker, see what changed
+    marked = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args([]))})
+    return {dest for dest, value in vars(parser.parse_args(list(argv), namespace=marked)).items() if value is not unset}
+
+
+def _check_resume_flags(given: set[str]) -> None:
+    """--resume takes the run's settings from its checkpoint: a flag that would be ignored is an error."""
+    ignored = sorted(given - set(RESUME_OVERRIDABLE) - {"resume", "stop_at"})
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        allowed = ", ".join("--" + k.replace("_", "-") for k in (*RESUME_OVERRIDABLE, "stop_at"))
+        raise ValueError(f"{flags} cannot be changed when resuming (the run keeps its own settings); with --resume "
+                         f"only {allowed} may be given")
 
 
 def build_model(run: Run) -> tuple[FILIP, torch.optim.Optimizer, Progress, dict]:
@@ -336,8 +370,11 @@ def build_model(run: Run) -> tuple[FILIP, torch.optim.Optimizer, Progress, dict]
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     progress, counts = Progress(), {}
     if run.ckpt is not None:
-        model.load_state_dict(run.ckpt["model"])
-        optimizer.load_state_dict(run.ckpt["optimizer"])
+        model.load_state_dict(run.ckpt["model"])  # shapes checked in setup
+        try:
+            optimizer.load_state_dict(run.ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{args.out}/checkpoint.pt: the optimizer state does not fit the model ({e})") from None
         progress = Progress(int(run.ckpt["step"]), float(run.ckpt["train_seconds"]))
         counts = dict(run.ckpt.get("data_counts", {}))
         torch.set_rng_state(run.ckpt["rng"])
@@ -372,7 +409,7 @@ def save_run(run: Run, model: FILIP, optimizer, progress: Progress, data: TrainD
 def train(args, argv=()) -> dict:
     """One run: set up, build the model, train to --steps (or --stop-at), then evaluate and write the report."""
     run = setup(args, argv)
-    os.makedirs(run.args.out, exist_ok=True)
+    runs.start_run(run.args.out, overwrite=run.args.overwrite, resume=run.ckpt is not None)  # checked in setup
     model, optimizer, progress, counts = build_model(run)
     data = open_train_data(run, progress.step, counts)
     n_params = sum(p.numel() for p in model.parameters())
@@ -412,7 +449,9 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
         window_images += len(captions)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise RuntimeError(f"loss became {loss_value} at step {progress.step}; lower --lr or use --precision fp32")
+            hint = "lower --lr" if run.precision == "fp32" else "lower --lr or use --precision fp32"
+            raise ValueError(f"loss became {loss_value} at step {progress.step}; {hint} (checkpoint.pt keeps the "
+                             "last saved step)")
         img_per_s = window_images / (time.time() - window_start)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", **data.postfix(progress.step))
@@ -507,6 +546,6 @@ def main(argv=None) -> int:
     try:
         train(args, argv)
     except (ValueError, FileNotFoundError) as e:
-        print(f"train_small.py: error: {e}", file=sys.stderr)
+        print(f"train_small.py: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0

@@ -26,36 +26,21 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from .cli import Parser, one_line  # noqa: E402
-from .data.transforms import images_to_tensor  # noqa: E402
+from .data.transforms import images_to_tensor, load_image  # noqa: E402,F401  (load_image: decoded like training data; re-exported)
 from .tokenizer import split_words  # noqa: E402
 
 DPI = 100
 FIG4_SIZE = (8.0, 4.6)        # inches: original image | patch index map, caption with indices on top
 HEATMAP_PANEL = (2.2, 2.6)    # inches per panel: the image, then one panel per word
 HEATMAP_COLUMNS = 5
+HEATMAP_CMAP = "magma"         # perceptual: brightness grows with the value, readable in grey
 STOPWORDS = {"a", "an", "the", "of", "photo", "image", "picture", "there", "is", "in", "and", "on", "with", "to"}
 HIGHLIGHT_COLORS = ["#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628", "#f781bf", "#17becf"]
-
-
-def load_image(path: str, image_size: int) -> np.ndarray:
-    """Read any image file, resize its shorter side to image_size and center-crop: (S, S, 3) uint8."""
-    from PIL import Image, UnidentifiedImageError
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no image at {path}")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = image_size / min(w, h)
-            im = im.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - image_size) // 2, (h - image_size) // 2
-            return np.asarray(im.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path} ({type(e).__name__})") from e
 
 
 @torch.no_grad()
@@ -126,8 +111,10 @@ def plot_fig4(image: np.ndarray, align: dict, highlight: list[int] | None = None
 
 def plot_heatmaps(image: np.ndarray, align: dict, words: list[int] | None = None, title: str = "") -> plt.Figure:
     """One panel per word (default: the content words, see default_highlight): the patch cosine similarity to that
-    word over the image, on one colour scale shared by all panels so words can be compared. The first panel is
-    the image. Figure size: ceil((1 + n) / 5) rows x min(1 + n, 5) columns of HEATMAP_PANEL inches at DPI."""
+    word, blended on the image. One colour scale for the whole figure (the colour bar), so words compare; the
+    colour's opacity grows with the similarity, so dissimilar background patches stay dark and the image shows
+    through. The first panel is the image. Figure size: ceil((1 + n) / 5) rows x min(1 + n, 5) columns of
+    HEATMAP_PANEL inches at DPI."""
     sim, tokens, cand, g = align["sim"], align["tokens"], align["candidates"], align["grid"]
     if words is None:
         words = default_highlight(tokens, cand)
@@ -138,21 +125,31 @@ def plot_heatmaps(image: np.ndarray, align: dict, words: list[int] | None = None
     s = image.shape[0]
     maps = sim[:, words].t().reshape(len(words), g, g).numpy() if words else np.zeros((0, g, g))
     vmin, vmax = (float(maps.min()), float(maps.max())) if words else (0.0, 1.0)
+    norm = Normalize(vmin, vmax if vmax > vmin else vmin + 1e-6)  # one scale for every panel
+    cmap = plt.get_cmap(HEATMAP_CMAP)
+    dimmed = (image.astype(np.float32) * 0.35).astype(np.uint8)  # the image darkened, so colour stands out
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(image)
     axes.flat[0].set_title("image", fontsize=9)
     for k, (t, m) in enumerate(zip(words, maps)):
         ax = axes.flat[k + 1]
-        ax.imshow(image, extent=(0, s, s, 0))
-        ax.imshow(m, extent=(0, s, s, 0), cmap="jet", alpha=0.55, vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.imshow(dimmed, extent=(0, s, s, 0))
+        overlay = cmap(norm(m))  # (g, g, 4) RGBA
+        overlay[..., 3] = 0.25 + 0.7 * norm(m).clip(0, 1)  # low similarity: mostly the dark image
+        ax.imshow(overlay, extent=(0, s, s, 0), interpolation="nearest")
         r, c = divmod(int(m.argmax()), g)
-        ax.add_patch(Rectangle((c * s / g, r * s / g), s / g, s / g, fill=False, ec="white", lw=1.5))
+        ax.add_patch(Rectangle((c * s / g, r * s / g), s / g, s / g, fill=False, ec="cyan", lw=1.5))
         ax.set_title(f"{t}: '{tokens[t]}' (max {m.max():.2f})", fontsize=8)
-    fig.suptitle((title + "  " if title else "") + f"patch cosine, scale {vmin:.2f} .. {vmax:.2f}; box = top patch",
-                 fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.84 if rows == 1 else 0.9, bottom=0.01, wspace=0.05,
-                        hspace=0.25)
+    fig.suptitle((title + "\n" if title else "") + "colour = cosine similarity of each patch to the word "
+                 f"(one scale, {vmin:.2f} .. {vmax:.2f}); box = most similar patch", fontsize=8)
+    top, width = (0.8 if rows == 1 else 0.88), fig.get_figwidth()
+    right = 1 - 0.8 / width  # keep 0.8 inch for the colour bar and its labels, whatever the number of panels
+    fig.subplots_adjust(left=0.01, right=right, top=top, bottom=0.01, wspace=0.05, hspace=0.25)
+    bar = fig.colorbar(ScalarMappable(norm, cmap), cax=fig.add_axes((right + 0.08 / width, 0.05, 0.1 / width,
+                                                                     top - 0.1)))
+    bar.set_label("patch-word cosine", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     return fig
 
 
@@ -164,9 +161,28 @@ def save(fig: plt.Figure, path: str) -> str:
     return path
 
 
+def save_stacked(figs: list[plt.Figure], path: str) -> str:
+    """Several figures in one PNG, one above the other (centred on white), and close them."""
+    from PIL import Image
+    parts = []
+    for fig in figs:
+        fig.canvas.draw()
+        parts.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]))
+        plt.close(fig)
+    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
+    top = 0
+    for part in parts:
+        canvas.paste(part, ((canvas.width - part.width) // 2, top))
+        top += part.height
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path, format="png")
+    return path
+
+
 def render(model, tokenizer, image: np.ndarray, text: str, out: str, view: str = "both",
            highlight: list[int] | None = None, title: str = "") -> list[str]:
-    """Alignment figure(s) to PNG. view "both" writes <out stem>_fig4.png and <out stem>_heatmaps.png."""
+    """Alignment figure to the PNG `out` (returned in a list): the fig4 view, the heatmaps, or "both" in one
+    file, the fig4 view above the heatmaps."""
     if view not in ("fig4", "heatmaps", "both"):
         raise ValueError(f"view must be fig4, heatmaps or both, got {view!r}")
     align = alignment(model, tokenizer, image, text)
@@ -174,15 +190,12 @@ def render(model, tokenizer, image: np.ndarray, text: str, out: str, view: str =
         bad = [i for i in highlight if not 0 <= i < len(align["tokens"]) or not bool(align["candidates"][i])]
         if bad:
             raise ValueError(f"--highlight {bad}: not a word index of {token_line(align['tokens'])}")
-    stem, ext = os.path.splitext(out)
-    ext = ext or ".png"
-    paths = []
+    figs = []
     if view in ("fig4", "both"):
-        paths.append(save(plot_fig4(image, align, highlight, title), out if view == "fig4" else f"{stem}_fig4{ext}"))
+        figs.append(plot_fig4(image, align, highlight, title))
     if view in ("heatmaps", "both"):
-        paths.append(save(plot_heatmaps(image, align, title=title),
-                          out if view == "heatmaps" else f"{stem}_heatmaps{ext}"))
-    return paths
+        figs.append(plot_heatmaps(image, align, title=title))
+    return [save(figs[0], out) if len(figs) == 1 else save_stacked(figs, out)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image", help="any image file; resized and center-cropped to the model's image_size")
     src.add_argument("--builtin-index", type=int, metavar="I", help="use built-in val scene I (and its caption)")
     p.add_argument("--text", help="caption (default with --builtin-index: the scene's first caption)")
-    p.add_argument("--out", required=True, help="output PNG (with --view both: <stem>_fig4.png, <stem>_heatmaps.png)")
+    p.add_argument("--out", required=True, help="output PNG file (with --view both: the Fig. 4 view above the "
+                   "heatmaps, in this one file)")
     p.add_argument("--view", default="both", choices=["heatmaps", "fig4", "both"])
     p.add_argument("--highlight", default=None, help="comma-separated token indices to colour in the fig4 view "
                    "(default: content words)")
@@ -204,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from .runs import check_output_file
+        check_output_file(args.out, "--out", example="fig.png")
         from .checkpoint import load_model
         model, tokenizer, _ = load_model(args.checkpoint)
         size = model.config.image_size

@@ -142,7 +142,7 @@ IMAGE_EXTENSIONS = tuple("." + ext for ext in IMAGE_EXTS)  # the data loaders' l
 
 def image_folder(root: str, image_size: int, limit_per_class: int | None = None):
     """ImageFolder layout root/<class>/<image>: (images (n, 3, S, S), labels (n,), class names)."""
-    from .visualize import load_image  # resize + center crop, clear error on unreadable files
+    from .data.transforms import load_image  # decoded like training data, clear error on unreadable files
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no image folder at {root}")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))

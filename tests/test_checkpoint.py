@@ -80,3 +80,47 @@ def test_loading_garbage_is_a_clear_error(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_saved_checkpoints_get_ordinary_file_permissions(tmp_path):
+    """mkstemp makes 0600 files; a checkpoint must be as readable as the run's other files (umask applies)."""
+    model, tok = tiny_model()
+    save_checkpoint(tmp_path / "checkpoint.pt", model, tok)
+    (tmp_path / "other.json").write_text("{}")
+    mode = lambda p: os.stat(p).st_mode & 0o777
+    assert mode(tmp_path / "checkpoint.pt") == mode(tmp_path / "other.json")
+
+
+def test_foreign_pickles_are_refused_without_torchs_unsafe_advice(tmp_path):
+    import argparse
+    torch.save({"model": argparse.Namespace(x=1), "config": {}, "tokenizer": {}}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(tmp_path / "evil.pt")
+    assert "pickled Python objects" in str(e.value) and "weights_only" not in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_weights_must_fit_the_config_before_any_allocation(tmp_path, monkeypatch):
+    """A 2 KB file whose config asks for a huge model is refused from the shapes; nothing real is built."""
+    model, tok = tiny_model()
+    save_checkpoint(tmp_path / "ok.pt", model, tok)
+    raw = torch.load(tmp_path / "ok.pt", weights_only=True)
+    raw["config"].update(vision_width=2 ** 20, vision_heads=1, vision_layers=12)  # ~ 150 G parameters
+    raw["model"] = {"logit_scale": torch.zeros(())}
+    torch.save(raw, tmp_path / "huge.pt")
+    assert os.path.getsize(tmp_path / "huge.pt") < 10_000
+    real_init = FILIP.__init__
+
+    def init_on_meta_only(self, config):  # building the huge config anywhere but on the meta device is the bug
+        assert torch.empty(0).device.type == "meta", "model built with real memory before the shape check"
+        real_init(self, config)
+
+    monkeypatch.setattr(FILIP, "__init__", init_on_meta_only)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_model(tmp_path / "huge.pt")
+    monkeypatch.undo()
+    raw = torch.load(tmp_path / "ok.pt", weights_only=True)
+    raw["model"]["visual.pos"] = raw["model"]["visual.pos"][:, :5]
+    torch.save(raw, tmp_path / "misfit.pt")
+    with pytest.raises(ValueError, match="visual.pos"):
+        load_model(tmp_path / "misfit.pt")

@@ -75,3 +75,28 @@ def test_cli_help_and_errors(tmp_path, capsys):
     assert e.value.code == 0 and "--src" in out and "--size" in out and "--seed" in out
     assert main(["--src", str(tmp_path / "none-{0..3}.tar"), "--out", str(tmp_path / "o"), "--n", "5"]) == 2
     assert "make_subset: error:" in capsys.readouterr().err
+
+
+def test_existing_out_is_refused_unless_overwrite(tmp_path, capsys):
+    """A second subset into the same folder must not leave the first one's shards for a *.tar reader to mix in."""
+    src = source(tmp_path / "src", n_shards=2)
+    out = str(tmp_path / "sub")
+    make_subset(src, out, n=12, samples_per_shard=4, progress=False)  # 3 shards
+    before = sorted(os.listdir(out))
+    argv = ["--src", src, "--out", out, "--n", "4", "--samples-per-shard", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds shards" in err[0] and "--overwrite" in err[0]
+    assert sorted(os.listdir(out)) == before
+    (tmp_path / "sub" / "README").write_text("mine")
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["00000.tar", "00000_stats.json", "README", "subset.json"]
+    assert len(read_back(out)) == 4 == json.loads((tmp_path / "sub" / "subset.json").read_text())["n_written"]
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    src = source(tmp_path / "src", n_shards=1)
+    (tmp_path / "f").write_text("x")
+    assert main(["--src", src, "--out", str(tmp_path / "f"), "--n", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a folder" in err[0]

@@ -1,5 +1,6 @@
 """Retrieval R@1/5/10 with duplicates and ties, the side-by-side report, and the evaluate CLI."""
 import json
+import os
 import subprocess
 import sys
 
@@ -91,3 +92,59 @@ def test_cli_help_and_missing_checkpoint(tmp_path):
     proc = run("--checkpoint", str(tmp_path / "missing.pt"))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "no checkpoint at" in lines[0]
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    path.parent.mkdir()
+    save_checkpoint(path, *tiny_model())
+    return str(path)
+
+
+def one_line_error(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minifilip.evaluate: error:"), err
+    return err[0]
+
+
+def test_bad_output_paths_and_device_fail_before_the_work(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda *a: pytest.fail("evaluated despite a bad flag"))
+    (tmp_path / "file").write_text("x")
+    assert "is a folder" in one_line_error(["--checkpoint", tiny_checkpoint, "--json", str(tmp_path)], capsys)
+    assert "is a file" in one_line_error(["--checkpoint", tiny_checkpoint, "--json",
+                                          str(tmp_path / "file" / "r.json")], capsys)
+    assert "is a file" in one_line_error(["--checkpoint", tiny_checkpoint, "--figures", str(tmp_path / "file")],
+                                         capsys)
+    assert "is not a device" in one_line_error(["--checkpoint", tiny_checkpoint, "--device", "bogus"], capsys)
+
+
+def test_checkpoints_whose_weights_do_not_fit_their_config(tmp_path, tiny_checkpoint, capsys):
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    raw["model"]["logit_scale"] = torch.zeros(5)
+    torch.save(raw, tmp_path / "misfit.pt")
+    assert "do not fit" in one_line_error(["--checkpoint", str(tmp_path / "misfit.pt")], capsys)
+    # a small file whose config asks for a ~16 TB model: refused from the shapes, before any allocation
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    raw["config"].update(vision_width=2 ** 20, vision_heads=1)
+    raw["model"] = {"logit_scale": torch.zeros(())}
+    torch.save(raw, tmp_path / "huge.pt")
+    assert os.path.getsize(tmp_path / "huge.pt") < 10_000
+    assert "do not fit" in one_line_error(["--checkpoint", str(tmp_path / "huge.pt")], capsys)
+
+
+def test_skipped_bad_samples_of_data_are_reported(tmp_path, tiny_checkpoint, capsys):
+    from PIL import Image
+    rows = ["filepath\ttitle"]
+    for i in range(3):
+        Image.new("RGB", (40, 40), (60 * i, 100, 200)).save(tmp_path / f"{i}.png")
+        rows.append(f"{tmp_path / f'{i}.png'}\ta red circle {i}")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows.insert(2, f"{tmp_path / 'broken.png'}\ta blue square")
+    (tmp_path / "list.tsv").write_text("\n".join(rows) + "\n")
+    assert main(["--checkpoint", tiny_checkpoint, "--data", str(tmp_path / "list.tsv"), "--n", "3",
+                 "--n-zeroshot", "2", "--ensemble", "similarity", "--json", str(tmp_path / "r.json")]) == 0
+    assert "skipped 1 bad samples (decode_error: 1)" in capsys.readouterr().err
+    row = json.loads((tmp_path / "r.json").read_text())[0]
+    assert row["data_bad_samples"] == {"decode_error": 1} and row["retrieval_n"] == 3

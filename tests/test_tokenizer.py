@@ -40,3 +40,10 @@ def test_fit_limits_and_persistence(tmp_path):
     assert torch.equal(again.encode("a b c", 6), tok.encode("a b c", 6))
     with pytest.raises(ValueError):
         WordTokenizer.from_dict({"itos": ["x", "y"]})
+
+
+def test_fit_on_an_instance_is_loud():
+    """tok = WordTokenizer(); tok.fit(captions) used to return a new tokenizer and leave tok empty, silently."""
+    with pytest.raises(TypeError, match=r"tok = WordTokenizer.fit"):
+        WordTokenizer().fit(["a red circle."])
+    assert len(WordTokenizer.fit(["a red circle."])) == 4 + 4  # on the class it still works

@@ -17,13 +17,17 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
+import re
 import sys
 from collections import Counter
 
 from PIL import Image
 from tqdm import tqdm
 
+from ..cli import DefaultsHelpFormatter, one_line
+from ..runs import check_output_folder
 from .decode import BadSample, decode_captions, decode_image, split_counts
 from .shards import group_to_raw, iter_tar_groups, shard_sizes
 from .sources import CsvOptions, list_dataset, shard_files, source_kind
@@ -78,14 +82,34 @@ def iter_chosen(spec: str, chosen: list[int], csv: CsvOptions | None, counts: Co
         start = end
 
 
+# what a subset folder holds (and what a reader globbing *.tar would mix in): shards, their stats, the summary
+SUBSET_FILES = re.compile(r"^(.*\.tar|.*\.tar\.tmp|.*_stats\.json|subset\.json|minifilip_sizes\.json)$")
+
+
+def prepare_out(out: str, overwrite: bool = False) -> None:
+    """Refuse an --out folder that already holds shards (old and new ones would be read together), unless
+    overwrite: then those files are removed first. Other files are left alone."""
+    check_output_folder(out)
+    found = sorted(f for f in os.listdir(out) if SUBSET_FILES.match(f)) if os.path.isdir(out) else []
+    if found and not overwrite:
+        raise ValueError(f"{out} already holds shards ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): "
+                         "choose a new folder, or give --overwrite to remove them first")
+    for name in found:
+        os.remove(os.path.join(out, name))
+
+
 def make_subset(src: str, out: str, n: int, size: int = 0, seed: int = 0, quality: int = 90,
-                samples_per_shard: int = 10_000, csv: CsvOptions | None = None, progress: bool = True) -> dict:
-    """Write the subset; returns a summary dict (also saved as out/subset.json)."""
+                samples_per_shard: int = 10_000, csv: CsvOptions | None = None, progress: bool = True,
+                overwrite: bool = False) -> dict:
+    """Write the subset; returns a summary dict (also saved as out/subset.json). An `out` that already holds
+    shards is refused unless overwrite (see prepare_out)."""
+    check_output_folder(out)
     kind = source_kind(src)
     total = sum(shard_sizes(shard_files(src))) if kind == "shards" else len(list_dataset(src, kind, csv))
     if total == 0:
         raise ValueError(f"{src!r} holds no samples")
     chosen = choose(total, n, seed)
+    prepare_out(out, overwrite)  # after the source checks: a typo in --src removes nothing
     counts: Counter = Counter()
     bar = tqdm(total=len(chosen), desc="subset", unit="img", disable=not progress or None)
     with ShardWriter(out, samples_per_shard) as writer:
@@ -122,9 +146,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minifilip.data.make_subset",
                                 description="Cut a seeded random subset of an image-text source (tar shards, "
                                             "TSV/CSV list or img2dataset folder) into new img2dataset-style shards.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--src", required=True, help="source spec, e.g. 'cc3m/{00000..00331}.tar' (see sources.py)")
-    p.add_argument("--out", required=True, help="output folder for 00000.tar, 00000_stats.json, ...")
+    p.add_argument("--out", required=True, help="output folder for 00000.tar, 00000_stats.json, ...; a folder that "
+                   "already holds shards is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove the shards (*.tar, *_stats.json, subset.json) already in --out first")
     p.add_argument("--n", type=int, required=True, help="samples to draw")
     p.add_argument("--size", type=int, default=0,
                    help="re-encode as JPEG with the shorter side at most SIZE px (0 = copy the bytes as they are)")
@@ -133,16 +160,16 @@ def main(argv=None) -> int:
     p.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per output shard")
     p.add_argument("--csv-img-key", default="filepath", help="image-path column of a TSV/CSV source")
     p.add_argument("--csv-caption-key", default="title", help="caption column of a TSV/CSV source")
-    p.add_argument("--csv-separator", default="\t", help="field separator of a TSV/CSV source")
+    p.add_argument("--csv-separator", default="\t", help="field separator of a TSV/CSV source (default: a tab)")
     args = p.parse_args(argv)
     try:
         if args.n <= 0 or args.size < 0:
             raise ValueError("--n must be positive and --size non-negative")
         summary = make_subset(args.src, args.out, args.n, args.size, args.seed, args.quality,
                               args.samples_per_shard, CsvOptions(args.csv_img_key, args.csv_caption_key,
-                                                                 args.csv_separator))
+                                                                 args.csv_separator), overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
-        print(f"make_subset: error: {e}", file=sys.stderr)
+        print(f"make_subset: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {summary['n_written']} of {summary['n_requested']} requested samples "
           f"({summary['shards']} shards) to {args.out}; bad skipped: {summary['bad'] or 'none'}")

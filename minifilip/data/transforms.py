@@ -7,9 +7,13 @@ between sources.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torchvision import transforms as T
+
+from .decode import BadSample, decode_image
 
 # CLIP's normalisation constants, used for every source so checkpoints are interchangeable
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,8 +46,24 @@ def train_transform(image_size: int, autoaugment: bool = True, scale=TRAIN_CROP_
 
 def eval_transform(image_size: int) -> T.Compose:
     """Resize the shorter side to image_size, center crop, normalise: deterministic."""
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size),
-                      normalize()])
+    return T.Compose([resize_center_crop(image_size), normalize()])
+
+
+def resize_center_crop(image_size: int) -> T.Compose:
+    """The geometric part of eval_transform: shorter side to image_size (bicubic), then a center crop."""
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)])
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+    """One image file as evaluation sees it: decoded like training data (16-bit rescaled, transparency on
+    white, CMYK/palette converted; see decode.decode_image), resized and center-cropped -> (S, S, 3) uint8."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no image at {path}")
+    try:
+        img = decode_image(path)
+    except BadSample as e:  # one line, e.g. "too_large: 30000x30000" for a decompression bomb
+        raise ValueError(f"cannot read image {path} ({e})") from None
+    return np.asarray(resize_center_crop(image_size)(img), dtype=np.uint8)
 
 
 def draft_side_for(image_size: int, train: bool) -> int:
