@@ -6,7 +6,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+
+LOSSES = ("filip", "clip", "clip+filip")
 
 
 @dataclass
@@ -28,7 +32,10 @@ class FILIPConfig:
     dropout: float = 0.0          # dropout on attention weights and residual branches (both towers)
     embed_dim: int = 256          # shared image-text space each patch / token is projected to (paper: 256)
     # --- objective ---
-    loss: str = "filip"           # "filip": token-wise late interaction; "clip": image CLS vs text EOS cosine
+    loss: str = "filip"           # "filip": token-wise late interaction; "clip": image CLS vs text EOS cosine;
+                                  # "clip+filip": clip_weight * CLIP loss + filip_weight * FILIP loss (SPARC's mix)
+    clip_weight: float = 1.0      # weight of the global CLS/EOS InfoNCE term when loss="clip+filip"
+    filip_weight: float = 1.0     # weight of the token-wise InfoNCE term when loss="clip+filip"
     text_special_tokens: bool = False  # let [BOS]/[EOS] take part in late interaction (False: words only)
     init_temperature: float = 0.07     # initial softmax temperature tau (learned as logit_scale = log(1/tau))
     min_temperature: float = 0.01      # tau is clamped to >= this (1/tau <= 100) so training cannot blow up
@@ -54,8 +61,14 @@ class FILIPConfig:
         if self.context_length < 3:
             raise ValueError(f"FILIPConfig.context_length ({self.context_length}) must be at least 3 "
                              "([BOS], one word, [EOS])")
-        if self.loss not in ("filip", "clip"):
-            raise ValueError(f"FILIPConfig.loss must be 'filip' or 'clip', got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"FILIPConfig.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        for name in ("clip_weight", "filip_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < math.inf:
+                raise ValueError(f"FILIPConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.loss == "clip+filip" and self.clip_weight == 0 and self.filip_weight == 0:
+            raise ValueError("FILIPConfig: clip_weight and filip_weight cannot both be 0 (nothing to train)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"FILIPConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.mlp_ratio > 0:

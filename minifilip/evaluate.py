@@ -11,7 +11,13 @@ FILIP trains for.
     retrieval   R@1/5/10 both ways over n pairs (built-in val split, or any minifilip.data source). Identical captions count as the same answer, ties pessimistic.
     zero-shot   built-in single-object val scenes, classes = the 6 shapes and the 6 colours; prompt ensemble over
                 templates, averaging similarities (FILIP, "sim") or averaging embeddings (CLIP-style, "emb").
-    pointing    built-in val scenes: does each colour/shape word's top patch overlap its object? (+ chance level)
+    pointing    built-in val scenes: does each colour/shape word's top patch overlap its object? (+ chance level
+                and a centre baseline that always points at the image centre)
+    segmentation  built-in val scenes: each patch takes the colour (shape) word most similar to it; mean IoU
+    binding     built-in two-object val scenes: true caption vs the same caption with the colours swapped
+
+Every metric is printed next to its chance level and next to the *untrained* network of the same architecture and
+seed (the weights the run started from), unless --no-untrained. See minifilip/grounding_metrics.py.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import sys
 
 import torch
 
-from . import pointing, zeroshot
+from . import grounding_metrics, pointing, zeroshot
 from .checkpoint import load_model
 from .cli import DefaultsHelpFormatter, Parser, one_line, parse_device
 from .data.builtin import builtin_val_pairs, find_val_scenes
@@ -81,7 +87,8 @@ def write_figures(model, tokenizer, name: str, folder: str) -> list[str]:
 
 
 def evaluate_checkpoint(path: str, name: str, args) -> dict:
-    """Every metric of one checkpoint, as a flat dict (the JSON entry); `name` labels its column and figures."""
+    """Every metric of one checkpoint, as a flat dict (the JSON entry); `name` labels its column and figures.
+    With args.untrained, the same metrics of the untrained network follow under the prefix "untrained_"."""
     model, tokenizer, ckpt = load_model(path)
     model.to(parse_device(args.device))
     cfg = model.config
@@ -92,62 +99,97 @@ def evaluate_checkpoint(path: str, name: str, args) -> dict:
     else:
         images, captions, bad = source_pairs(args.data, args.n, cfg.image_size)
         scenes, row["data_bad_samples"] = None, bad
-    r = retrieval(model, tokenizer, images, captions, args.batch_size)
-    row.update({f"retrieval_{k}": v for k, v in r.items()})
-    ensembles = ["similarity", "embedding"] if args.ensemble == "both" else [args.ensemble]
-    templates = zeroshot.TEMPLATE_SETS[args.templates]
-    tasks = {}
-    if args.zeroshot_dir:
-        tasks["folder"] = zeroshot.image_folder(args.zeroshot_dir, cfg.image_size)
-    else:
-        tasks.update({t: zeroshot.builtin_zeroshot_data(t, args.n_zeroshot, cfg.image_size)
-                      for t in zeroshot.BUILTIN_TASKS})
-    for task, (zs_images, labels, names) in tasks.items():
-        for ens in ensembles:
-            z = zeroshot.zero_shot(model, tokenizer, zs_images, labels, names, templates, ens, args.direction,
-                                   args.batch_size, warn=ens == ensembles[0])
-            row[f"zeroshot_{task}_{ens}"] = z["acc"]
-            row[f"zeroshot_{task}_chance"] = z["chance"]
-            row[f"zeroshot_{task}_n"] = z["n"]
+    row.update(model_metrics(model, tokenizer, images, captions, scenes, args))
+    if getattr(args, "untrained", False):
+        seed = int((ckpt.get("args") or {}).get("seed", 0))
+        untrained = grounding_metrics.untrained_model(cfg, seed).to(parse_device(args.device))
+        metrics = model_metrics(untrained, tokenizer, images, captions, scenes, args, warn=False)
+        row.update({f"untrained_{k}": v for k, v in metrics.items() if not k.endswith(("_chance", "_n"))})
+        row["untrained_seed"] = seed
     if scenes is not None:
-        row.update(pointing.pointing_game(model, tokenizer, scenes, batch_size=args.batch_size))
+        row.update(grounding_metrics.centre_baseline(scenes, cfg.patch_size, cfg.context_length))
         row["pointing_rule"] = pointing.INSIDE_RULE
     if args.figures:
         row["figures"] = write_figures(model, tokenizer, name, args.figures)
     return row
 
 
+def model_metrics(model, tokenizer, images, captions, scenes, args, warn: bool = True) -> dict:
+    """Retrieval, zero-shot and (on built-in scenes) pointing, segmentation and binding of one model."""
+    row = {}
+    r = retrieval(model, tokenizer, images, captions, args.batch_size)
+    row.update({f"retrieval_{k}": v for k, v in r.items()})
+    ensembles = ["similarity", "embedding"] if args.ensemble == "both" else [args.ensemble]
+    templates = zeroshot.TEMPLATE_SETS[args.templates]
+    tasks = {}
+    if args.zeroshot_dir:
+        tasks["folder"] = zeroshot.image_folder(args.zeroshot_dir, model.config.image_size)
+    else:
+        tasks.update({t: zeroshot.builtin_zeroshot_data(t, args.n_zeroshot, model.config.image_size)
+                      for t in zeroshot.BUILTIN_TASKS})
+    for task, (zs_images, labels, names) in tasks.items():
+        for ens in ensembles:
+            z = zeroshot.zero_shot(model, tokenizer, zs_images, labels, names, templates, ens, args.direction,
+                                   args.batch_size, warn=warn and ens == ensembles[0])
+            row[f"zeroshot_{task}_{ens}"] = z["acc"]
+            row[f"zeroshot_{task}_chance"] = z["chance"]
+            row[f"zeroshot_{task}_n"] = z["n"]
+    if scenes is not None:
+        row.update(pointing.pointing_game(model, tokenizer, scenes, batch_size=args.batch_size))
+        for attribute in grounding_metrics.SEGMENTATION_CLASSES:
+            row.update(grounding_metrics.segmentation(model, tokenizer, scenes, attribute, args.batch_size))
+        row.update(grounding_metrics.binding(model, tokenizer, scenes, args.direction))
+    return row
+
+
+# (label, value key, chance key or None, centre-baseline key or None): the lines of the report, in order
+TABLE_LINES = [
+    ("retrieval (n={n}) image->text R@1", "retrieval_i2t_R@1", "retrieval_chance_R@1", None),
+    ("retrieval image->text R@5", "retrieval_i2t_R@5", None, None),
+    ("retrieval image->text R@10", "retrieval_i2t_R@10", None, None),
+    ("retrieval text->image R@1", "retrieval_t2i_R@1", "retrieval_chance_R@1", None),
+    ("retrieval text->image R@5", "retrieval_t2i_R@5", None, None),
+    ("retrieval text->image R@10", "retrieval_t2i_R@10", None, None),
+    *[(f"zero-shot {task}, {label}", f"zeroshot_{task}_{ens}", f"zeroshot_{task}_chance", None)
+      for task in ("shape", "color", "folder")
+      for ens, label in (("similarity", "mean of similarities"), ("embedding", "mean of embeddings"))],
+    ("pointing game, all words", "pointing_acc", "pointing_chance", "pointing_centre"),
+    ("pointing game, colour words", "pointing_acc_color", "pointing_chance_color", "pointing_centre_color"),
+    ("pointing game, shape words", "pointing_acc_shape", "pointing_chance_shape", "pointing_centre_shape"),
+    ("pointing game, scenes with 2-3 objects", "pointing_acc_multi", "pointing_chance_multi",
+     "pointing_centre_multi"),
+    ("pointing game: top patch on any object", "pointing_on_any_object", None, None),
+    ("segmentation mIoU, colours", "segmentation_miou_color", "segmentation_chance_color", None),
+    ("segmentation mIoU, shapes", "segmentation_miou_shape", "segmentation_chance_shape", None),
+    ("binding: true caption over colour-swapped", "binding_acc", "binding_chance", None),
+]
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """One column per checkpoint, one line per metric (only metrics some checkpoint has)."""
-    lines = [("retrieval (n={n}) image->text R@1 / R@5 / R@10", ["retrieval_i2t_R@1", "retrieval_i2t_R@5",
-                                                                  "retrieval_i2t_R@10"]),
-             ("retrieval text->image R@1 / R@5 / R@10", ["retrieval_t2i_R@1", "retrieval_t2i_R@5",
-                                                         "retrieval_t2i_R@10"]),
-             ("retrieval chance R@1", ["retrieval_chance_R@1"])]
-    for task in ("shape", "color", "folder"):
-        for ens, label in (("similarity", "mean of similarities"), ("embedding", "mean of embeddings")):
-            lines.append((f"zero-shot {task}, {label} (chance {{{task}_chance}})", [f"zeroshot_{task}_{ens}"]))
-    lines += [("pointing game, all words (chance)", ["pointing_acc", "pointing_chance"]),
-              ("pointing game, colour words (chance)", ["pointing_acc_color", "pointing_chance_color"]),
-              ("pointing game, shape words (chance)", ["pointing_acc_shape", "pointing_chance_shape"]),
-              ("pointing game, scenes with 2-3 objects (chance)", ["pointing_acc_multi", "pointing_chance_multi"]),
-              ("pointing game: top patch on any object", ["pointing_on_any_object"])]
-    fmt = {"n": rows[0].get("retrieval_n"), **{f"{t}_chance": f"{rows[0].get(f'zeroshot_{t}_chance', 0):.3f}"
-                                              for t in ("shape", "color", "folder")}}
-    out = ["| metric | " + " | ".join(f"{r['name']} ({r['loss']})" for r in rows) + " |",
-           "|---|" + "---|" * len(rows)]
-    for label, keys in lines:
-        if not any(k in r for r in rows for k in keys):
+    """One line per metric (only metrics some checkpoint has): its chance level, the centre baseline where there
+    is one, then per checkpoint its value and, when measured, the untrained network's."""
+    with_untrained = any(k.startswith("untrained_") for r in rows for k in r)
+    header = ["metric", "chance", "centre"]
+    for r in rows:
+        header += [f"{r['name']} ({r['loss']})"] + (["untrained"] if with_untrained else [])
+    out = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    first = lambda key: next((r[key] for r in rows if key and key in r), None)  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for label, key, chance, centre in TABLE_LINES:
+        if not any(key in r for r in rows):
             continue
-        cells = []
+        cells = [label.format(n=first("retrieval_n")), fmt(first(chance)), fmt(first(centre))]
         for r in rows:
-            vals = [f"{r[k]:.3f}" if k in r else "-" for k in keys]
-            cells.append(vals[0] + (f" ({vals[1]})" if "chance" in keys[-1] and len(vals) == 2
-                                    else "".join(" / " + v for v in vals[1:])))
-        out.append(f"| {label.format(**fmt)} | " + " | ".join(cells) + " |")
+            cells += [fmt(r.get(key))] + ([fmt(r.get("untrained_" + key))] if with_untrained else [])
+        out.append("| " + " | ".join(cells) + " |")
     out.append(f"\nretrieval: {RETRIEVAL_RULE}.")
     if any("pointing_acc" in r for r in rows):
-        out.append(f"pointing game: {pointing.INSIDE_RULE}.")
+        out.append(f"pointing game: {pointing.INSIDE_RULE}; centre = always the patch at the image centre.")
+    if any("segmentation_miou_color" in r for r in rows):
+        out.append("segmentation: patches at least half covered by an object, each labelled with its most similar "
+                   "class word (CLIP: class prompt's [EOS]); chance = expected mIoU of uniform random labels.")
+    if with_untrained:
+        out.append("untrained: the same architecture and seed before training (the weights each run started from).")
     return "\n".join(out)
 
 
@@ -171,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="late-interaction direction used to score classes for zero-shot")
     p.add_argument("--batch-size", type=int, default=256, help="encoding batch size")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--untrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate the untrained network of each checkpoint's architecture and seed (the "
+                        "baseline that says what the architecture gives for free); doubles the time")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the metrics as a JSON list (one entry per checkpoint)")
     p.add_argument("--figures", default=None, metavar="DIR", help="write fig4 + heatmap PNGs per checkpoint")

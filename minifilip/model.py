@@ -9,6 +9,12 @@ With `config.loss = "clip"` the same towers train CLIP-style: `encode_image` the
 and `encode_text` the [EOS] embedding (one token each), and the score is their cosine. That makes the two
 objectives comparable at equal compute, and lets gradient caching treat them alike.
 
+With `config.loss = "clip+filip"` (SPARC's "sum of the losses") the loss is clip_weight * CLIP + filip_weight *
+FILIP. The encoders then return granularity "both": the global vector at position 0, *masked out*, followed by the
+tokens. Every late-interaction consumer (retrieval, zero-shot, gradient caching) therefore sees exactly FILIP's
+tokens and scores; only `contrastive_loss` reads position 0 for the global term. Evaluation of a clip+filip model
+thus scores token-wise, like FILIP; `granularity="global"` gives its CLS/EOS cosine instead.
+
 Scoring has one path: `scores` (one block of images against every text), `pairwise_scores` (all images, in
 blocks) and `pick_direction` are plain functions of encoded tensors, so zero-shot and evaluation code can score
 without a model; the FILIP methods of the same names call them with the model's `cmli_impl`.
@@ -61,22 +67,28 @@ class FILIP(nn.Module):
 
     # ------------------------------------------------------------------ encoders
     def _granularity(self, granularity: str | None) -> str:
-        granularity = granularity or ("global" if self.config.loss == "clip" else "tokens")
-        if granularity not in ("tokens", "global"):
-            raise ValueError(f"granularity must be 'tokens' or 'global', got {granularity!r}")
+        granularity = granularity or {"clip": "global", "filip": "tokens", "clip+filip": "both"}[self.config.loss]
+        if granularity not in ("tokens", "global", "both"):
+            raise ValueError(f"granularity must be 'tokens', 'global' or 'both', got {granularity!r}")
         return granularity
 
     def encode_image(self, images: torch.Tensor, granularity: str | None = None):
         """images (B, 3, H, W) -> (tokens (B, N, D) unit vectors, mask (B, N) bool).
 
         granularity "tokens": the N patch embeddings (CLS excluded); "global": the CLS embedding (N = 1).
-        Default: "tokens" for the FILIP loss, "global" for the CLIP loss.
+        "both": CLS then the patches (N + 1), with the CLS masked out (see the module docstring).
+        Default: "tokens" for the FILIP loss, "global" for the CLIP loss, "both" for "clip+filip".
         """
         size = self.config.image_size
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size or images.shape[3] != size:
             raise ValueError(f"images must have shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
-        x = self.visual(images)  # (B, 1 + N, D)
-        x = x[:, :1] if self._granularity(granularity) == "global" else x[:, 1:]
+        x = self.visual(images)  # (B, 1 + N, D), CLS first
+        granularity = self._granularity(granularity)
+        if granularity == "both":
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            mask[:, 0] = False  # the CLS takes no part in late interaction
+            return _unit(x), mask
+        x = x[:, :1] if granularity == "global" else x[:, 1:]
         return _unit(x), torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
     def text_mask(self, ids: torch.Tensor) -> torch.Tensor:
@@ -90,7 +102,8 @@ class FILIP(nn.Module):
         """ids (B, L) token ids -> (tokens (B, L, D) unit vectors, mask (B, L) bool).
 
         granularity "tokens": every position, masked to the words (plus [BOS]/[EOS] when
-        `config.text_special_tokens`); "global": the last non-padding token, normally [EOS] (L = 1).
+        `config.text_special_tokens`); "global": the last non-padding token, normally [EOS] (L = 1);
+        "both": that global vector (masked out) followed by the tokens (1 + L).
         """
         if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"ids must be a 2-D integer tensor (B, L), got {tuple(ids.shape)} {ids.dtype}")
@@ -100,11 +113,15 @@ class FILIP(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); is the tokenizer the model's?")
         x = self.text(ids)  # (B, L, D)
-        if self._granularity(granularity) == "global":
-            last = ((ids != PAD_ID).sum(dim=1) - 1).clamp(min=0)  # (B,) index of [EOS]
-            x = x[torch.arange(x.shape[0], device=x.device), last][:, None]  # (B, 1, D)
-            return _unit(x), torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        return _unit(x), self.text_mask(ids)
+        granularity = self._granularity(granularity)
+        if granularity == "tokens":
+            return _unit(x), self.text_mask(ids)
+        last = ((ids != PAD_ID).sum(dim=1) - 1).clamp(min=0)  # (B,) index of [EOS]
+        g = x[torch.arange(x.shape[0], device=x.device), last][:, None]  # (B, 1, D)
+        if granularity == "global":
+            return _unit(g), torch.ones(g.shape[:2], dtype=torch.bool, device=g.device)
+        hidden = torch.zeros_like(ids[:, :1], dtype=torch.bool)  # (B, 1): the global vector is masked out
+        return _unit(torch.cat([g, x], dim=1)), torch.cat([hidden, self.text_mask(ids)], dim=1)  # (B, 1 + L, D)
 
     # ------------------------------------------------------------------ scores and loss
     @property
@@ -117,14 +134,37 @@ class FILIP(nn.Module):
         return scores(image_tokens, image_mask, text_tokens, text_mask, impl=impl or self.config.cmli_impl)
 
     def contrastive_loss(self, image_tokens, image_mask, text_tokens, text_mask) -> torch.Tensor:
-        """Symmetric InfoNCE over the batch, on already-encoded (B, N, D) / (B, M, D) tokens."""
+        """Symmetric InfoNCE over the batch, on already-encoded (B, N, D) / (B, M, D) tokens
+        (for "clip+filip": granularity "both", (B, 1 + N, D) / (B, 1 + M, D))."""
+        cfg = self.config
         if image_tokens.shape[0] != text_tokens.shape[0]:
             raise ValueError(f"contrastive_loss needs matched pairs: {image_tokens.shape[0]} images vs "
                              f"{text_tokens.shape[0]} texts")
-        if self.config.loss == "clip" and (image_tokens.shape[1] != 1 or text_tokens.shape[1] != 1):
+        if cfg.loss == "clip" and (image_tokens.shape[1] != 1 or text_tokens.shape[1] != 1):
             raise ValueError("the CLIP loss takes one global token per side; encode with granularity='global'")
+        if cfg.loss == "filip":
+            return self._token_loss(image_tokens, image_mask, text_tokens, text_mask)
+        if cfg.loss == "clip":
+            return info_nce(*self.scores(image_tokens, image_mask, text_tokens, text_mask), self.inverse_temperature)
+        if image_tokens.shape[1] != cfg.num_patches + 1:
+            raise ValueError("the clip+filip loss takes the global vector plus the tokens; encode with "
+                             "granularity='both'")
+        # One temperature for both terms: both scores are (averages of) cosines in [-1, 1], so one scale fits
+        # both, and the checkpoint keeps its single logit_scale (one clamp, one number to log). With a weight of
+        # 0 the other term is exactly the pure loss, temperature gradient included.
+        total = 0.0
+        if cfg.clip_weight:
+            cos = image_tokens[:, 0].float() @ text_tokens[:, 0].float().t()  # (B, B) CLS/EOS cosine, as "clip"
+            total = total + cfg.clip_weight * info_nce(cos, cos, self.inverse_temperature)
+        if cfg.filip_weight:
+            total = total + cfg.filip_weight * self._token_loss(image_tokens[:, 1:], image_mask[:, 1:],
+                                                                text_tokens[:, 1:], text_mask[:, 1:])
+        return total
+
+    def _token_loss(self, image_tokens, image_mask, text_tokens, text_mask) -> torch.Tensor:
+        """FILIP's InfoNCE on late-interaction scores, after token selection when token_keep_ratio < 1."""
         ratio = self.config.token_keep_ratio
-        if self.config.loss == "filip" and ratio < 1.0:
+        if ratio < 1.0:
             image_tokens, image_mask, text_tokens, text_mask = cmli.select_tokens(
                 image_tokens, image_mask, text_tokens, text_mask, ratio)
         s_i2t, s_t2i = self.scores(image_tokens, image_mask, text_tokens, text_mask)

@@ -54,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "Defaults: the built-in grounded shapes dataset and the 'tiny' preset, a few minutes on a CPU.",
                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (see FILIPConfig)")
-    p.add_argument("--loss", default="filip", choices=["filip", "clip"],
-                   help="filip: token-wise late interaction; clip: global CLS/EOS cosine (the baseline)")
+    p.add_argument("--loss", default="filip", choices=["filip", "clip", "clip+filip"],
+                   help="filip: token-wise late interaction; clip: global CLS/EOS cosine (the baseline); "
+                        "clip+filip: the sum of both losses (one shared temperature)")
+    p.add_argument("--filip-weight", type=float, default=None,
+                   help="with --loss clip+filip: weight of the token-wise term (the CLIP term has weight 1); "
+                        "default 1.0")
     p.add_argument("--steps", type=int, default=500, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=64, help="contrastive batch: pairs per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
@@ -335,8 +339,11 @@ def setup(args, argv) -> Run:
         args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         runs.check_new_run(args.out, args.overwrite)  # before the (possibly long) vocabulary fit
         tokenizer = fit_tokenizer(args) if real_data(args) else WordTokenizer(vocabulary())
+        if args.filip_weight is not None and args.loss != "clip+filip":
+            raise ValueError(f"--filip-weight only applies to --loss clip+filip (got --loss {args.loss})")
+        weights = {"filip_weight": args.filip_weight} if args.filip_weight is not None else {}
         config = FILIPConfig.preset(args.preset, vocab_size=len(tokenizer), loss=args.loss,
-                                    token_keep_ratio=args.token_keep_ratio, dropout=args.dropout)
+                                    token_keep_ratio=args.token_keep_ratio, dropout=args.dropout, **weights)
     if args.compile is None:
         args.compile = device.type == "cuda"
     autocast, scaler, precision = autocast_for(device, args.precision)

@@ -79,8 +79,13 @@ def test_report_json_lists_checkpoints_in_order(tmp_path, capsys, monkeypatch):
         assert 0 < r["pointing_chance"] < 1
         assert len(r["figures"]) == 2 and all(p.endswith(".png") for p in r["figures"])  # fig4 + heatmaps
     table = capsys.readouterr().out
-    assert "| metric | filip (filip) | clip (clip) |" in table and "identical captions" in table
-    assert "pointing game, all words (chance)" in table and "R@1 / R@5 / R@10" in table
+    assert "| metric | chance | centre | filip (filip) | untrained | clip (clip) | untrained |" in table
+    assert "identical captions" in table and "| pointing game, all words |" in table and "R@10" in table
+    for r in rows:  # the new grounding metrics, each with chance, untrained and (pointing) the centre baseline
+        assert {"segmentation_miou_color", "segmentation_miou_shape", "binding_acc", "pointing_centre",
+                "untrained_pointing_acc", "untrained_binding_acc", "untrained_segmentation_miou_color"} <= set(r)
+        assert r["binding_chance"] == 0.5 and 0 < r["segmentation_chance_color"] < 1
+    assert rows[0]["untrained_pointing_acc"] == rows[1]["untrained_pointing_acc"]  # same architecture and seed
     assert markdown_table(rows).splitlines()[0] == table.splitlines()[0]
 
 
