@@ -8,6 +8,7 @@ saving leaves the previous checkpoint intact, never half a file.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 import torch
@@ -46,11 +47,27 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise ValueError(f"{path} is not a readable minifilip checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # truncated or foreign file, or one with pickled code in it
+        raise _load_error(path, e) from e
     if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= set(ckpt):
         raise ValueError(f"{path} is not a minifilip checkpoint (needs model, config and tokenizer)")
     return ckpt
+
+
+# torch's own weights_only message spans lines and suggests weights_only=False; these lines of it are boilerplate
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _load_error(path, e: Exception) -> ValueError:
+    """One line on why torch.load refused `path`: the pickled callable it would have run, or the read error."""
+    text = str(e)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)  # weights_only met a pickled class or function
+    if refused:
+        return ValueError(f"{path} is not a minifilip checkpoint: it holds a pickled Python object "
+                          f"({refused.group(1)}), and loading it could run code, so it was not loaded")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(_TORCH_BOILERPLATE)]
+    reason = lines[0] if lines else "unknown error"
+    return ValueError(f"{path} is not a readable minifilip checkpoint ({type(e).__name__}: {reason})")
 
 
 def load_model(path, map_location="cpu") -> tuple[FILIP, WordTokenizer, dict]:
