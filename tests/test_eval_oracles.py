@@ -22,38 +22,55 @@ from minifilip.zeroshot import BUILTIN_TEMPLATES, builtin_zeroshot_data, zero_sh
 from test_visualize import tiny_model
 
 
-class ShowsOneClass(torch.nn.Module):
-    """Stand-in model: an image filled with the value k embeds as one patch, the one-hot of class k's word; a text
-    token embeds as the one-hot of its id (words only). Every prompt of class k then scores 1 against it (i2t) and
-    every other prompt 0, whichever way the templates are ensembled: the model predicts k."""
+class ShowsWords(torch.nn.Module):
+    """Stand-in model: an image filled with the value k embeds as one patch per word of pictures[k], the one-hot of
+    that word; a text token embeds as the one-hot of its id (words only). Scores are then counts of shared words."""
 
-    def __init__(self, tokenizer, class_names):
+    def __init__(self, tokenizer, pictures: list[list[str]]):
         super().__init__()
         self.config = SimpleNamespace(context_length=12)
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # zero_shot reads the device off the parameters
-        self.word_of_class = torch.tensor([tokenizer.stoi[c] for c in class_names])
         self.vocab = len(tokenizer)
+        n = max(len(p) for p in pictures)
+        self.patch_ids = torch.tensor([[tokenizer.stoi[w] for w in p] + [0] * (n - len(p)) for p in pictures])
 
     def encode_image(self, images, granularity=None):
-        shown = images[:, 0, 0, 0].round().long()  # (B,) the class each image "shows"
-        tokens = F.one_hot(self.word_of_class[shown], self.vocab).float()[:, None]  # (B, 1, V)
-        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool)
+        ids = self.patch_ids[images[:, 0, 0, 0].round().long()]  # (B, N) the words each image "shows"
+        return F.one_hot(ids, self.vocab).float(), ids > 0  # (B, N, V)
 
     def encode_text(self, ids, granularity=None):
         return F.one_hot(ids, self.vocab).float(), ids > 3  # (B, L, V); the 4 special tokens are not words
 
 
+def pictures_of(shown: list[int]) -> torch.Tensor:
+    """Images (n, 3, 8, 8) filled with the values in `shown`."""
+    return torch.tensor(shown).float()[:, None, None, None].expand(-1, 3, 8, 8)
+
+
 @pytest.mark.parametrize("ensemble", ["similarity", "embedding"])
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
 def test_zero_shot_accuracy_is_the_fraction_predicted_right(ensemble, direction):
+    """Picture k is class k's name alone: every prompt of class k scores highest, whichever ensemble and direction."""
     tok = WordTokenizer(vocabulary())
     names = SHAPES[:4]  # 4 classes x 2 templates: a template-major reading would mix classes up
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    shown = torch.tensor([0, 1, 2, 3, 1, 1, 3, 0])  # right on images 0, 1, 2, 3 and 5
-    images = shown.float()[:, None, None, None].expand(-1, 3, 8, 8)
-    out = zero_shot(ShowsOneClass(tok, names), tok, images, labels, names, BUILTIN_TEMPLATES[:2], ensemble,
-                    direction, batch_size=3, warn=False)
+    images = pictures_of([0, 1, 2, 3, 1, 1, 3, 0])  # the model is right on images 0, 1, 2, 3 and 5
+    model = ShowsWords(tok, [[name] for name in names])
+    out = zero_shot(model, tok, images, labels, names, BUILTIN_TEMPLATES[:2], ensemble, direction, batch_size=3,
+                    warn=False)
     assert out["acc"] == pytest.approx(5 / 8) and out["n"] == 8 and out["chance"] == 1 / 4
+
+
+@pytest.mark.parametrize("direction, right", [("i2t", False), ("t2i", True), ("mean", False)])
+def test_zero_shot_direction_is_the_one_asked_for(direction, right):
+    """Patches red, red, red, star; classes "red circle" and "star" (true), template "a {}.".
+    i2t counts the patches a prompt explains: 3/4 vs 1/4, "red circle". t2i counts the prompt words the image
+    explains: 1 of "a red circle ." = 1/4 vs 1 of "a star ." = 1/3, "star". mean: 1/2 vs 7/24, "red circle"."""
+    tok = WordTokenizer(vocabulary())
+    model = ShowsWords(tok, [["red", "red", "red", "star"]])
+    out = zero_shot(model, tok, pictures_of([0]), torch.tensor([1]), ["red circle", "star"], ["a {}."], "similarity",
+                    direction, warn=False)
+    assert out["acc"] == float(right)
 
 
 def test_report_values_are_the_metrics_it_names(tmp_path, capsys):
