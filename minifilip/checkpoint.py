@@ -8,7 +8,7 @@ saving leaves the previous checkpoint intact, never half a file.
 from __future__ import annotations
 
 import os
-import pickle
+import re
 import tempfile
 
 import torch
@@ -48,27 +48,14 @@ def save_checkpoint(path, model: FILIP, tokenizer: WordTokenizer, **extra) -> No
     atomic_torch_save({**state, **extra}, path)
 
 
-def _load_failure(e: Exception) -> str:
-    """Why torch.load failed, in a few words. torch's own message advises retrying with weights_only=False:
-    wrong advice for a file from elsewhere, so it is dropped."""
-    text = str(e)
-    if isinstance(e, pickle.UnpicklingError) and "can still be loaded" in text:
-        return "it holds pickled Python objects, which minifilip never loads: they could run code"
-    if "WeightsUnpickler error:" in text:
-        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
-        return f"not a torch checkpoint: {detail[0] if detail else 'unreadable'}"
-    lines = [line for line in text.strip().splitlines() if "weights_only" not in line]
-    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
-
-
 def load_checkpoint(path, map_location="cpu") -> dict:
     """The raw checkpoint dict, loaded with weights_only=True."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, foreign or unsafe file
-        raise ValueError(f"{path} is not a readable minifilip checkpoint ({_load_failure(e)})") from None
+    except Exception as e:  # truncated or foreign file, or one with pickled code in it
+        raise _load_error(path, e) from e
     if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= set(ckpt):
         raise ValueError(f"{path} is not a minifilip checkpoint (needs model, config and tokenizer)")
     return ckpt
@@ -99,6 +86,23 @@ def checked_config(ckpt: dict, path) -> FILIPConfig:
             raise ValueError(f"{path}: the weights do not fit the checkpoint's config ({key} is {got}, "
                              f"the config needs {tuple(shape)})")
     return config
+
+
+# torch's own weights_only message spans lines and suggests weights_only=False; these lines of it are boilerplate
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _load_error(path, e: Exception) -> ValueError:
+    """One line on why torch.load refused `path`: the pickled callable it would have run, or the read error."""
+    text = str(e)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)  # weights_only met a pickled class or function
+    if refused:
+        return ValueError(f"{path} is not a minifilip checkpoint: it holds a pickled Python object "
+                          f"({refused.group(1)}), and loading it could run code, so it was not loaded")
+    lines = [line.strip() for line in text.splitlines()  # torch's "retry with weights_only=False" is wrong advice here
+             if line.strip() and not line.startswith(_TORCH_BOILERPLATE) and "weights_only" not in line]
+    reason = lines[0] if lines else "unknown error"
+    return ValueError(f"{path} is not a readable minifilip checkpoint ({type(e).__name__}: {reason})")
 
 
 def load_model(path, map_location="cpu") -> tuple[FILIP, WordTokenizer, dict]:

@@ -96,7 +96,7 @@ def test_foreign_pickles_are_refused_without_torchs_unsafe_advice(tmp_path):
     torch.save({"model": argparse.Namespace(x=1), "config": {}, "tokenizer": {}}, tmp_path / "evil.pt")
     with pytest.raises(ValueError) as e:
         load_checkpoint(tmp_path / "evil.pt")
-    assert "pickled Python objects" in str(e.value) and "weights_only" not in str(e.value)
+    assert "pickled Python object (argparse.Namespace)" in str(e.value) and "weights_only" not in str(e.value)
     assert "\n" not in str(e.value)
 
 

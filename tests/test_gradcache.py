@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minifilip import FILIP, FILIPConfig, cmli
+from minifilip import FILIP, FILIPConfig
 from minifilip.gradcache import cached_backward, reference_microbatched_loss
 
 B = 10  # batch; micro-batches of 3 and 4 leave a partial last one
@@ -119,7 +119,6 @@ def test_buffers_updated_once_per_micro_batch():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.skipif(not hasattr(cmli, "select_tokens"), reason="cmli.select_tokens not implemented yet")
 def test_token_selection():
     model = make_model(token_keep_ratio=0.25)
     images, ids = make_batch(model)

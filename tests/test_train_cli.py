@@ -8,6 +8,10 @@ import pytest
 import torch
 
 from conftest import ROOT
+from minifilip import FILIP
+from minifilip.checkpoint import load_model
+from minifilip.data.builtin import BuiltinTrainStream, builtin_val_pairs
+from minifilip.metrics import retrieval_metrics
 
 FAST = ["--steps", "4", "--batch-size", "8", "--val-size", "16", "--log-every", "1", "--save-every", "2",
         "--warmup", "1"]
@@ -35,6 +39,23 @@ def test_runs_and_writes_all_outputs(tmp_path, loss):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["config"]["loss"] == loss and ckpt["tokenizer"]["itos"][0] == "[PAD]"
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    check_logged_numbers(out, rows, final)
+
+
+def check_logged_numbers(out, rows, final):
+    """The numbers in the outputs, not just the files, each recomputed another way."""
+    # warm-up 1, then cosine over steps 1..4: the lr of steps 0..3 is 1, 1, (1 + cos(pi/3))/2, (1 + cos(2pi/3))/2
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 0.75e-3, 0.25e-3])
+    model, tok, _ = load_model(out / "checkpoint.pt")
+    # step 1's loss: the seed-0 initial model on the first built-in batch (dropout 0: train mode is deterministic)
+    torch.manual_seed(0)
+    initial = FILIP(model.config).train()
+    images, captions, _keys, _counts = next(iter(BuiltinTrainStream(8, 64, seed=0)))
+    assert rows[0]["loss"] == pytest.approx(initial.loss(images, tok.encode(captions, 24)).item(), rel=1e-5)
+    # final.json: the saved model's retrieval on the first 16 built-in val pairs
+    images, captions, _ = builtin_val_pairs(16, 64, seed=0)
+    s_i2t, s_t2i = model.pairwise_scores(*model.encode_image(images), *model.encode_text(tok.encode(captions, 24)))
+    assert final["val"] == pytest.approx(retrieval_metrics(s_i2t, s_t2i, captions))
 
 
 def test_resume_continues_from_the_saved_step(tmp_path):
@@ -49,9 +70,10 @@ def test_resume_continues_from_the_saved_step(tmp_path):
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
-    """4 steps, then 2 more from the checkpoint == 6 steps straight (same data, same optimizer state)."""
-    run(*FAST, "--steps", "6", "--out", str(tmp_path / "straight"))
-    proc = run(*FAST, "--steps", "6", "--out", str(tmp_path / "split"), "--stop-at", "4")
+    """4 steps, then 2 more from the checkpoint == 6 steps straight (same data, same optimizer state, and with
+    dropout on, the same random state: resume must restore it)."""
+    run(*FAST, "--dropout", "0.2", "--steps", "6", "--out", str(tmp_path / "straight"))
+    proc = run(*FAST, "--dropout", "0.2", "--steps", "6", "--out", str(tmp_path / "split"), "--stop-at", "4")
     assert "stopped at step 4/6" in proc.stdout and not (tmp_path / "split" / "final.json").exists()
     run("--resume", str(tmp_path / "split"))
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]

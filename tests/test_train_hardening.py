@@ -114,7 +114,7 @@ def test_resume_with_weights_that_do_not_fit_the_config(run_dir, capsys):
 def test_resume_from_a_pickled_object_file(run_dir, capsys):
     import argparse
     torch.save({"model": argparse.Namespace(a=1)}, run_dir / "checkpoint.pt")  # refused by weights_only
-    line = fails(["--resume", str(run_dir)], capsys, "pickled Python objects")
+    line = fails(["--resume", str(run_dir)], capsys, "pickled Python object (argparse.Namespace)")
     assert "weights_only" not in line
 
 

@@ -190,14 +190,17 @@ class ChunkedLateInteraction(torch.autograd.Function):
         return dv.to(v.dtype), None, dw.to(w.dtype), None, None, None
 
 
-def late_interaction_chunked(v, v_mask, w, w_mask, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+def late_interaction_chunked(image_tokens, image_mask, text_tokens, text_mask,
+                             max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
                              backward: str = "indices") -> tuple[torch.Tensor, torch.Tensor]:
     """(s_i2t, s_t2i) (I, T) with no intermediate larger than max_chunk_bytes (>= one pair).
 
-    Memory: inputs + I*T*(N+M) bytes of arg-max indices (backward="indices") + a few chunks.
+    Memory: inputs + I*T*(N+M) bytes of arg-max indices (backward="indices") + a few chunks. Expects boolean masks
+    (image_mask may not be None here) and zeroed padding, as `cmli.late_interaction` hands them over.
     """
     if backward not in ("indices", "recompute"):
         raise ValueError(f"backward must be 'indices' or 'recompute', got {backward!r}")
-    if v.dtype != w.dtype:
-        raise ValueError(f"dtypes differ: {v.dtype} vs {w.dtype}")
-    return ChunkedLateInteraction.apply(v, v_mask, w, w_mask, int(max_chunk_bytes), backward)
+    if image_tokens.dtype != text_tokens.dtype:
+        raise ValueError(f"dtypes differ: {image_tokens.dtype} vs {text_tokens.dtype}")
+    return ChunkedLateInteraction.apply(image_tokens, image_mask, text_tokens, text_mask, int(max_chunk_bytes),
+                                        backward)
