@@ -179,7 +179,6 @@ TRITON_SCRIPT = textwrap.dedent("""
     import os, sys
     assert os.environ["TRITON_INTERPRET"] == "1"
     import torch
-    sys.path.insert(0, sys.argv[1])
     from tests.test_cmli_impls import make_inputs, poison_padding, scores_and_grads, rel_err
     from minifilip.kernels import cmli_triton
     assert cmli_triton.INTERPRET
@@ -207,7 +206,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_triton_kernel_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(ROOT)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     if proc.returncode != 0 and "No module named 'triton'" in proc.stderr:
         pytest.skip("Triton cannot be imported")
