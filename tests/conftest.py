@@ -1,12 +1,10 @@
 import os
-import sys
 import zlib
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (pytest.ini puts it on sys.path)
 
 
 @pytest.fixture(autouse=True)

@@ -53,8 +53,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_sigkill_during_saving_never_corrupts(tmp_path):
     """A child process saves a few-MB checkpoint in a loop; we SIGKILL it at random moments."""
     script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {ROOT!r})
+        import torch
         from minifilip.checkpoint import atomic_torch_save
         big = torch.randn(2_000_000)
         i = 0
@@ -64,7 +63,7 @@ def test_sigkill_during_saving_never_corrupts(tmp_path):
             print(i, flush=True)
     """)
     for delay in (0.8, 1.1, 1.35):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=ROOT)  # -c: cwd on sys.path
         proc.stdout.readline()  # at least one checkpoint exists
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

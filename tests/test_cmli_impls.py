@@ -180,7 +180,6 @@ TRITON_SCRIPT = textwrap.dedent("""
     import os, sys
     assert os.environ["TRITON_INTERPRET"] == "1"
     import torch
-    sys.path.insert(0, sys.argv[1])
     from tests.test_cmli_impls import make_inputs, poison_padding, scores_and_grads, rel_err
     from minifilip.kernels import cmli_triton
     assert cmli_triton.INTERPRET
@@ -219,7 +218,7 @@ def test_triton_kernel_in_interpreter():
     if importlib.util.find_spec("triton") is None:
         skip_untested_kernel("Triton is not installed (it comes with torch's Linux wheels; see requirements.txt)")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(ROOT)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     if proc.returncode != 0 and "No module named 'triton'" in proc.stderr:
         skip_untested_kernel("Triton cannot be imported")

@@ -12,8 +12,9 @@ NODE = "tests/test_example.py::test_something[7]"
 
 def _seeds_in_processes(*hash_seeds: str) -> list[int]:
     """stable_seed(NODE) computed by fresh Pythons (run in parallel), each salting str hashes with one hash_seed."""
-    code = f"import sys; sys.path.insert(0, 'tests'); from conftest import stable_seed; print(stable_seed({NODE!r}))"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=h), cwd=ROOT,
+    code = f"from conftest import stable_seed; print(stable_seed({NODE!r}))"  # run in tests/: conftest importable
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=h),
+                              cwd=os.path.join(ROOT, "tests"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for h in hash_seeds]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
