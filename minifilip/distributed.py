@@ -98,6 +98,8 @@ def init(args, device: torch.device) -> torch.device:
     args.out = broadcast_object(args.out)  # each rank stamped its own default runs/<time>; rank 0's wins
     if not is_main():
         _silence_stdout()
+    print(f"torchrun: {world} processes ({dist.get_backend()}), batch {args.batch_size} = {world} x "
+          f"{args.batch_size // world} pairs per rank")
     return device
 
 
@@ -113,6 +115,14 @@ def check_batch(batch_size: int, world: int) -> None:
                          "every rank encodes an equal share of the global batch")
     if batch_size // world < 2:
         raise ValueError(f"--batch-size {batch_size} over {world} processes leaves fewer than 2 pairs per rank")
+
+
+def check_shares(n_units: int, spec: str) -> None:
+    """A real-data stream deals its units (shards, index chunks) to ranks; a rank with none would stop while the
+    others wait for it forever, so refuse that up front."""
+    if n_units < world_size():
+        raise ValueError(f"{spec} has {n_units} shard(s) for {world_size()} processes; every rank needs at least "
+                         "one (split the data into more shards)")
 
 
 def _silence_stdout() -> None:

@@ -24,6 +24,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, FILIPConfig
 from .gradcache import cached_backward
@@ -38,7 +39,7 @@ from .tokenizer import WordTokenizer
 
 # flags that may differ between a run and its --resume; everything else comes from the checkpoint
 RESUME_OVERRIDABLE = ("steps", "device", "precision", "log_every", "save_every", "eval_batch_size",
-                      "micro_batch_size", "compile", "num_workers")
+                      "micro_batch_size", "compile", "num_workers", "gather_dtype")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--csv-img-key", default="filepath", help="image-path column of a TSV/CSV list")
     d.add_argument("--csv-caption-key", default="title", help="caption column of a TSV/CSV list")
     d.add_argument("--csv-separator", default="\t", help="field separator of a TSV/CSV list")
+    distributed.add_arguments(p)  # [distributed] --gather-dtype
     return p
 
 
@@ -255,6 +257,7 @@ def setup(args, argv):
 
 def train(args, argv=()) -> dict:
     args, device, ckpt, tokenizer, config, autocast, scaler, precision = setup(args, argv)
+    device = distributed.init(args, device)  # [distributed] torchrun: join the group; no-op otherwise
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     torch.manual_seed(args.seed)
@@ -266,14 +269,17 @@ def train(args, argv=()) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         step, train_seconds = int(ckpt["step"]), float(ckpt["train_seconds"])
         torch.set_rng_state(ckpt["rng"])
-        _trim_metrics(metrics_path, step)
+        if distributed.is_main():  # [distributed]
+            _trim_metrics(metrics_path, step)
         print(f"resuming {args.out} at step {step}/{args.steps}")
+    distributed.seed_ranks(args.seed, ckpt)  # [distributed] dropout differs per rank; no-op otherwise
     model.train()
     if args.compile is None:
         args.compile = device.type == "cuda"
     if args.compile:  # compile the towers only: the state_dict keeps its plain parameter names
         model.visual.compile()
         model.text.compile()
+    towers = distributed.wrap_towers(model, device)  # [distributed] DDP over the towers; None otherwise
 
     data_counts: dict = {}  # bad / converted training samples by reason (real data), over the whole run
     if ckpt is not None and "data_counts" in ckpt:
@@ -281,6 +287,9 @@ def train(args, argv=()) -> dict:
 
     def checkpoint():
         extra = {"data_counts": data_counts} if real_data(args) else {}
+        extra.update(distributed.rng_states())  # [distributed] every rank's generator (a collective)
+        if not distributed.is_main():  # [distributed] only rank 0 writes
+            return
         save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, tokenizer, optimizer=optimizer.state_dict(),
                         step=step, train_seconds=train_seconds, args=vars(args), rng=torch.get_rng_state(), **extra)
 
@@ -288,11 +297,13 @@ def train(args, argv=()) -> dict:
     if real_data(args):
         stream, epoch_len = open_real_data(args, config, tokenizer, device, step)
     else:
-        stream = iter(BuiltinTrainStream(args.batch_size, config.image_size, seed=args.seed, start_step=step))
+        stream = iter(BuiltinTrainStream(args.batch_size, config.image_size, seed=args.seed, start_step=step,
+                                         rank=distributed.rank(), world_size=distributed.world_size()))  # [distributed]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"minifilip {args.preset} ({n_params / 1e6:.1f}M params), loss={config.loss}, batch {args.batch_size}, "
           f"{args.steps} steps on {device} ({precision}) -> {args.out}")
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True,
+               disable=None if distributed.is_main() else True)  # [distributed]
     window_start, window_images = time.time(), 0
     stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
     while step < stop:
@@ -311,7 +322,10 @@ def train(args, argv=()) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         optimizer.zero_grad(set_to_none=True)
-        if args.micro_batch_size:  # gradient caching: memory of a micro-batch, gradient of the whole batch
+        if towers is not None:  # [distributed] gathered loss over the global batch, DDP gradients
+            loss = distributed.train_step(towers, model, images, ids, args.micro_batch_size,
+                                          getattr(args, "gather_dtype", "auto"), autocast, scaler)
+        elif args.micro_batch_size:  # gradient caching: memory of a micro-batch, gradient of the whole batch
             with autocast():
                 loss = cached_backward(model, images, ids, args.micro_batch_size, scaler=scaler)
         else:
@@ -325,7 +339,7 @@ def train(args, argv=()) -> dict:
             optimizer.step()
         step += 1
         train_seconds += time.time() - t0
-        window_images += len(captions)
+        window_images += len(captions) * distributed.world_size()  # [distributed] global throughput
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise RuntimeError(f"loss became {loss_value} at step {step}; lower --lr or use --precision fp32")
@@ -336,7 +350,7 @@ def train(args, argv=()) -> dict:
             postfix.update(epoch=f"{step * args.batch_size / epoch_len:.2f}", bad=sum(bad.values()),
                            conv=sum(converted.values()))
         bar.set_postfix(**postfix)
-        if step % args.log_every == 0 or step == args.steps:
+        if (step % args.log_every == 0 or step == args.steps) and distributed.is_main():  # [distributed]
             row = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                    "temperature": 1.0 / model.temperature_scale.item(),
                    "img_per_s": window_images / (time.time() - window_start), "train_seconds": train_seconds}
@@ -353,6 +367,8 @@ def train(args, argv=()) -> dict:
     bar.close()
     if step < args.steps:
         print(f"stopped at step {step}/{args.steps}; continue with --resume {args.out}")
+        return {}
+    if not distributed.is_main():  # [distributed] rank 0 evaluates and writes the results
         return {}
 
     if real_data(args):
@@ -380,8 +396,10 @@ def open_real_data(args, config, tokenizer, device, step: int):
     Everything that can be wrong with the data fails here, in one line, before the first step."""
     csv = csv_options(args)
     stream = train_stream(args.train_data, config.image_size, seed=args.seed, csv=csv,
-                          shuffle_buffer=args.shuffle_buffer)
+                          shuffle_buffer=args.shuffle_buffer, rank=distributed.rank(),
+                          world_size=distributed.world_size())  # [distributed] disjoint units per rank
     check_source(stream, args.train_data)
+    distributed.check_shares(len(stream.units()), args.train_data)  # [distributed]
     if args.val_data:
         check_source(eval_stream(args.val_data, config.image_size, csv=csv), args.val_data)
     else:
@@ -392,11 +410,13 @@ def open_real_data(args, config, tokenizer, device, step: int):
         raise ValueError(f"{args.train_data} holds no samples")
     # resume: the stream is reproducible from (seed, epoch), so restart at the start of the current epoch
     stream.start_epoch = step * args.batch_size // epoch_len
-    tokenizer.save(os.path.join(args.out, "vocab.json"))
+    if distributed.is_main():  # [distributed]
+        tokenizer.save(os.path.join(args.out, "vocab.json"))
     workers = auto_workers(args.num_workers, device)
     print(f"train data: {args.train_data}: ~{epoch_len} samples per epoch ({epoch_len // args.batch_size} steps), "
           f"{workers} loader workers, vocabulary of {len(tokenizer)} words")
-    loader = make_loader(stream, args.batch_size, workers, pin_memory=device.type == "cuda")
+    loader = make_loader(stream, args.batch_size // distributed.world_size(), workers,  # [distributed]
+                         pin_memory=device.type == "cuda")
     return iter(loader), epoch_len
 
 
@@ -417,4 +437,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"train_small.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()  # [distributed] no-op without torchrun
     return 0
