@@ -8,7 +8,8 @@ learning needs every image scored against every caption of the *global* batch, s
     1. select   (optional, FILIP's trick) each rank keeps its most informative tokens, ranked against its *local*
                 batch, before anything is sent: communication and the B x B loss shrink together
     2. cast     (optional, --gather-dtype) the kept tokens to fp16/bf16: half the bytes on the wire
-    3. pad      token widths to the largest across ranks (all_gather needs one shape everywhere)
+    3. pad      trailing all-padding slots are dropped, then token widths are padded to the largest across
+                ranks (all_gather needs one shape everywhere)
     4. gather   tokens and masks of every rank; the gradient of the gathered tokens flows back to their owner
     5. loss     this rank's b rows (images -> all texts) and b columns (texts -> all images) only, with the
                 labels offset by rank x b: open_clip's "local loss". The mean of the ranks' local losses is
@@ -142,6 +143,20 @@ def broadcast_object(obj):
     return box[0]
 
 
+def sum_counts(counts: dict) -> dict:
+    """{reason: n} summed over ranks (bad / converted real-data samples), so rank 0 reports every rank's.
+    A collective: every rank must call it. Unchanged in a single process."""
+    if not is_enabled():
+        return counts
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, dict(counts))
+    total: dict = {}
+    for part in parts:
+        for reason, n in part.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
+
 # ---------------------------------------------------------------------- random numbers
 def seed_ranks(seed: int, ckpt: dict | None) -> None:
     """Weights agree (every rank built them from `seed`, and DDP broadcasts rank 0's); dropout must differ.
@@ -214,6 +229,14 @@ def pad_width(tokens: torch.Tensor, mask: torch.Tensor, width: int):
     return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
 
 
+def trim_padding(tokens: torch.Tensor, mask: torch.Tensor):
+    """Drop the trailing slots that are padding in every sample (captions padded to the full context length):
+    nothing to send for them. (b, L, D), (b, L) -> (b, L', D), (b, L') with L' = last used slot + 1."""
+    used = mask.any(dim=0).nonzero()  # (n_used, 1) columns some sample uses
+    width = int(used.max()) + 1 if used.numel() else 1
+    return tokens[:, :width], mask[:, :width]
+
+
 def gather_tokens(tokens: torch.Tensor, mask: torch.Tensor):
     """Tokens (b, L_r, D) and mask (b, L_r) of every rank -> (B, L, D), (B, L), L the widest L_r."""
     width = torch.tensor(tokens.shape[1], device=tokens.device)
@@ -242,6 +265,8 @@ def select_and_gather(image_tokens, image_mask, text_tokens, text_mask, keep_rat
             image_tokens, image_mask, text_tokens, text_mask, keep_ratio)
     if dtype is not None:
         image_tokens, text_tokens = image_tokens.to(dtype), text_tokens.to(dtype)
+    image_tokens, image_mask = trim_padding(image_tokens, image_mask)
+    text_tokens, text_mask = trim_padding(text_tokens, text_mask)
     b = image_tokens.shape[0]
     return Gathered(*gather_tokens(image_tokens, image_mask), *gather_tokens(text_tokens, text_mask),
                     offset=rank() * b, local=b)

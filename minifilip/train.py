@@ -316,6 +316,7 @@ def train(args, argv=()) -> dict:
             except StopIteration:
                 raise ValueError(f"the training data ran out at step {step}: no worker found a usable sample "
                                  f"(bad samples so far: {split_counts(data_counts)[0]})") from None
+            counts = distributed.sum_counts(counts)  # [distributed] every rank's bad samples, on every rank
             for reason, n in counts.items():
                 data_counts[reason] = data_counts.get(reason, 0) + n
         images, ids = images.to(device, non_blocking=True), tokenizer.encode(captions, config.context_length).to(device)
