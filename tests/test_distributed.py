@@ -166,3 +166,13 @@ def test_selection_before_gather_and_half_precision():
     """Selected tokens per rank == local-selection reference; loss and gradients through the gather match a
     one-process reference on those tokens; fp16 exchange keeps the loss within FP16_TOLERANCE of fp32."""
     spawn(_features_worker)
+
+
+def test_builtin_data_gives_each_rank_its_slice_of_the_global_batch():
+    from minifilip.data import BuiltinTrainStream
+    whole = BuiltinTrainStream(6, image_size=16, seed=3).batch(5)
+    parts = [BuiltinTrainStream(6, image_size=16, seed=3, rank=r, world_size=3).batch(5) for r in range(3)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+    assert sum((p[1] for p in parts), []) == whole[1]
+    with pytest.raises(ValueError, match="split evenly"):
+        BuiltinTrainStream(7, world_size=2)
