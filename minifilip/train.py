@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from . import runs
+from . import distributed, runs
 from .checkpoint import checked_config, load_checkpoint, save_checkpoint
 from .cli import DefaultsHelpFormatter, Parser, check_number, one_line, parse_device
 from .config import PRESETS, FILIPConfig
@@ -46,7 +46,7 @@ from .tokenizer import WordTokenizer
 
 # flags that may differ between a run and its --resume; everything else comes from the checkpoint
 RESUME_OVERRIDABLE = ("steps", "device", "precision", "log_every", "save_every", "eval_batch_size",
-                      "micro_batch_size", "compile", "num_workers")
+                      "micro_batch_size", "compile", "num_workers", "gather_dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--csv-img-key", default="filepath", help="image-path column of a TSV/CSV list")
     d.add_argument("--csv-caption-key", default="title", help="caption column of a TSV/CSV list")
     d.add_argument("--csv-separator", default="\t", help="field separator of a TSV/CSV list (default: a tab)")
+    distributed.add_arguments(p)  # [distributed] --gather-dtype
     return p
 
 
@@ -207,12 +208,16 @@ def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float) ->
 
 
 def forward_backward(model: FILIP, images: torch.Tensor, ids: torch.Tensor, *, micro_batch_size: int,
-                     autocast: Callable, scaler: torch.amp.GradScaler) -> torch.Tensor:
+                     autocast: Callable, scaler: torch.amp.GradScaler, towers=None,
+                     gather_dtype: str = "auto") -> torch.Tensor:
     """The batch's loss, with its (scaled) gradient accumulated into the parameters' .grad.
 
     micro_batch_size > 0: gradient caching (gradcache.py), the memory of a micro-batch with the loss and gradient
-    of the whole batch; 0: one plain forward and backward.
+    of the whole batch; 0: one plain forward and backward. Under torchrun (`towers` = the DDP-wrapped towers), the
+    same over the global batch, the features gathered from every rank (distributed.py).
     """
+    if towers is not None:  # [distributed]
+        return distributed.train_step(towers, model, images, ids, micro_batch_size, gather_dtype, autocast, scaler)
     if micro_batch_size:
         with autocast():
             return cached_backward(model, images, ids, micro_batch_size, scaler=scaler)
@@ -262,6 +267,7 @@ class Run:
     autocast: Callable            # context factory for the forward passes (a no-op in fp32)
     scaler: torch.amp.GradScaler  # loss scaling, enabled for fp16 only (see autocast_for)
     precision: str                # "fp32", "bf16" or "fp16" ("auto" resolved)
+    towers: object = None         # [distributed] DDP over the two towers under torchrun; None in one process
 
     @property
     def metrics_path(self) -> str:
@@ -292,6 +298,7 @@ class TrainData:
         except StopIteration:
             raise ValueError(f"the training data ran out at step {step}: no worker found a usable sample "
                              f"(bad samples so far: {split_counts(self.counts)[0]})") from None
+        counts = distributed.sum_counts(counts)  # [distributed] every rank's bad samples, on every rank
         for reason, n in counts.items():
             self.counts[reason] = self.counts.get(reason, 0) + n
         return images, captions
@@ -387,12 +394,15 @@ def build_model(run: Run) -> tuple[FILIP, torch.optim.Optimizer, Progress, dict]
         progress = Progress(int(run.ckpt["step"]), float(run.ckpt["train_seconds"]))
         counts = dict(run.ckpt.get("data_counts", {}))
         torch.set_rng_state(run.ckpt["rng"])
-        _trim_metrics(run.metrics_path, progress.step)
+        if distributed.is_main():  # [distributed]
+            _trim_metrics(run.metrics_path, progress.step)
         print(f"resuming {args.out} at step {progress.step}/{args.steps}")
+    distributed.seed_ranks(args.seed, run.ckpt)  # [distributed] dropout differs per rank; no-op otherwise
     model.train()
     if args.compile:  # compile the towers only: the state_dict keeps its plain parameter names
         model.visual.compile()
         model.text.compile()
+    run.towers = distributed.wrap_towers(model, run.device)  # [distributed] DDP over the towers; None otherwise
     return model, optimizer, progress, counts
 
 
@@ -403,13 +413,17 @@ def open_train_data(run: Run, step: int, counts: dict) -> TrainData:
         batches, epoch_len = open_real_data(args, run.config, run.tokenizer, run.device, step)
     else:
         batches, epoch_len = iter(BuiltinTrainStream(args.batch_size, run.config.image_size, seed=args.seed,
-                                                     start_step=step)), None
+                                                     start_step=step, rank=distributed.rank(),
+                                                     world_size=distributed.world_size())), None  # [distributed]
     return TrainData(batches, args.batch_size, epoch_len, counts)
 
 
 def save_run(run: Run, model: FILIP, optimizer, progress: Progress, data: TrainData) -> None:
     """checkpoint.pt: everything --resume needs to continue as if never stopped."""
     extra = {"data_counts": data.counts} if real_data(run.args) else {}
+    extra.update(distributed.rng_states())  # [distributed] every rank's generator (a collective)
+    if not distributed.is_main():  # [distributed] only rank 0 writes
+        return
     save_checkpoint(os.path.join(run.args.out, "checkpoint.pt"), model, run.tokenizer,
                     optimizer=optimizer.state_dict(), step=progress.step, train_seconds=progress.train_seconds,
                     args=vars(run.args), rng=torch.get_rng_state(), **extra)
@@ -418,7 +432,9 @@ def save_run(run: Run, model: FILIP, optimizer, progress: Progress, data: TrainD
 def train(args, argv=()) -> dict:
     """One run: set up, build the model, train to --steps (or --stop-at), then evaluate and write the report."""
     run = setup(args, argv)
-    runs.start_run(run.args.out, overwrite=run.args.overwrite, resume=run.ckpt is not None)  # checked in setup
+    run.device = distributed.init(run.args, run.device)  # [distributed] torchrun: join the group; no-op otherwise
+    if distributed.is_main():
+        runs.start_run(run.args.out, overwrite=run.args.overwrite, resume=run.ckpt is not None)  # checked in setup
     model, optimizer, progress, counts = build_model(run)
     data = open_train_data(run, progress.step, counts)
     n_params = sum(p.numel() for p in model.parameters())
@@ -428,6 +444,8 @@ def train(args, argv=()) -> dict:
     if progress.step < run.args.steps:
         print(f"stopped at step {progress.step}/{run.args.steps}; continue with --resume {run.args.out}")
         return {}
+    if not distributed.is_main():  # [distributed] rank 0 evaluates and writes the results
+        return {}
     return final_report(run, model, progress, data)
 
 
@@ -435,7 +453,8 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
     """The training loop, to --steps or --stop-at; each step's phases in the order they happen."""
     args, device = run.args, run.device
     stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
-    bar = tqdm(total=args.steps, initial=progress.step, desc="train", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=args.steps, initial=progress.step, desc="train", dynamic_ncols=True,
+               disable=None if distributed.is_main() else True)  # [distributed]
     window_start, window_images = time.time(), 0  # throughput since the last metrics line
     while progress.step < stop:
         t0 = time.time()
@@ -449,13 +468,14 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
         # ---- forward, backward, optimizer step
         optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(model, images, ids, micro_batch_size=args.micro_batch_size, autocast=run.autocast,
-                                scaler=run.scaler)
+                                scaler=run.scaler, towers=run.towers,
+                                gather_dtype=getattr(args, "gather_dtype", "auto"))
         run.scaler.step(optimizer)  # optimizer.step(); under fp16 it first unscales, and skips inf/NaN steps
         run.scaler.update()
         progress.step += 1
         progress.train_seconds += time.time() - t0
         # ---- logging: the progress bar every step, a metrics.jsonl line every --log-every steps
-        window_images += len(captions)
+        window_images += len(captions) * distributed.world_size()  # [distributed] global throughput
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             hint = "lower --lr" if run.precision == "fp32" else "lower --lr or use --precision fp32"
@@ -464,7 +484,7 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
         img_per_s = window_images / (time.time() - window_start)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", **data.postfix(progress.step))
-        if progress.step % args.log_every == 0 or progress.step == args.steps:
+        if (progress.step % args.log_every == 0 or progress.step == args.steps) and distributed.is_main():
             row = {"step": progress.step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                    "temperature": 1.0 / model.inverse_temperature.item(), "img_per_s": img_per_s,
                    "train_seconds": progress.train_seconds}
@@ -520,8 +540,10 @@ def open_real_data(args, config, tokenizer, device, step: int):
     Everything that can be wrong with the data fails here, in one line, before the first step."""
     csv = csv_options(args)
     stream = train_stream(args.train_data, config.image_size, seed=args.seed, csv=csv,
-                          shuffle_buffer=args.shuffle_buffer)
+                          shuffle_buffer=args.shuffle_buffer, rank=distributed.rank(),
+                          world_size=distributed.world_size())  # [distributed] disjoint units per rank
     check_source(stream, args.train_data)
+    distributed.check_shares(len(stream.units()), args.train_data)  # [distributed]
     if args.val_data:
         check_source(eval_stream(args.val_data, config.image_size, csv=csv), args.val_data)
     else:
@@ -532,11 +554,13 @@ def open_real_data(args, config, tokenizer, device, step: int):
         raise ValueError(f"{args.train_data} holds no samples")
     # resume: the stream is reproducible from (seed, epoch), so restart at the start of the current epoch
     stream.start_epoch = step * args.batch_size // epoch_len
-    tokenizer.save(os.path.join(args.out, "vocab.json"))
+    if distributed.is_main():  # [distributed]
+        tokenizer.save(os.path.join(args.out, "vocab.json"))
     workers = auto_workers(args.num_workers, device)
     print(f"train data: {args.train_data}: ~{epoch_len} samples per epoch ({epoch_len // args.batch_size} steps), "
           f"{workers} loader workers, vocabulary of {len(tokenizer)} words")
-    loader = make_loader(stream, args.batch_size, workers, pin_memory=device.type == "cuda")
+    loader = make_loader(stream, args.batch_size // distributed.world_size(), workers,  # [distributed]
+                         pin_memory=device.type == "cuda")
     return iter(loader), epoch_len
 
 
@@ -557,4 +581,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"train_small.py: error: {one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()  # [distributed] no-op without torchrun
     return 0
