@@ -22,7 +22,8 @@ without a model; the FILIP methods of the same names call them with the model's 
 Temperature, one quantity under three names:
     temperature          tau: logits = scores / tau (config.init_temperature = 0.07, config.min_temperature = 0.01)
     logit_scale          log(1 / tau), the learned parameter (CLIP's name and state_dict key; the log keeps tau > 0)
-    inverse_temperature  1 / tau = exp(logit_scale), clamped to 1 / min_temperature: what info_nce multiplies by
+    inverse_temperature  1 / tau = exp(logit_scale): what info_nce multiplies by; training keeps tau >= min_temperature
+                         by clamping logit_scale in place after each optimizer step (clamp_logit_scale_)
 """
 from __future__ import annotations
 
@@ -126,8 +127,15 @@ class FILIP(nn.Module):
     # ------------------------------------------------------------------ scores and loss
     @property
     def inverse_temperature(self) -> torch.Tensor:
-        """1 / temperature = exp(logit_scale), clamped to 1 / config.min_temperature."""
-        return self.logit_scale.clamp(max=math.log(1.0 / self.config.min_temperature)).exp()
+        """1 / temperature = exp(logit_scale). Not clamped here: a clamp in the forward pass has zero gradient
+        above its bound, so a scale that reached it could never come down; training clamps the parameter in
+        place after each optimizer step instead (`clamp_logit_scale_`, as CLIP and open_clip do)."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep the temperature >= config.min_temperature: clamp the parameter in place (after optimizer.step)."""
+        self.logit_scale.clamp_(max=math.log(1.0 / self.config.min_temperature))
 
     def scores(self, image_tokens, image_mask, text_tokens, text_mask, impl: str | None = None):
         """(s_i2t, s_t2i), both (n_images, n_texts), for already-encoded inputs of either granularity."""

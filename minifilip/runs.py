@@ -13,8 +13,8 @@ from __future__ import annotations
 import glob
 import os
 
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "loss.png", "final.json", "vocab.json")
-STALE_TEMP_PATTERN = ".tmp-checkpoint.pt-*"  # the prefix atomic_torch_save gives its temporary files
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "loss.png", "alignment.png", "final.json", "vocab.json")
+STALE_TEMP_PATTERN = ".tmp-*.pt-*"  # what atomic_torch_save names its temporary files (checkpoint.pt, best.pt)
 
 
 def check_output_folder(path: str, flag: str = "--out") -> None:

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from . import distributed, runs
+from . import alignment, distributed, runs
 from .checkpoint import checked_config, load_checkpoint, save_checkpoint
 from .cli import DefaultsHelpFormatter, Parser, check_number, one_line, parse_device
 from .config import PRESETS, FILIPConfig
@@ -46,7 +46,7 @@ from .tokenizer import WordTokenizer
 
 # flags that may differ between a run and its --resume; everything else comes from the checkpoint
 RESUME_OVERRIDABLE = ("steps", "device", "precision", "log_every", "save_every", "eval_batch_size",
-                      "micro_batch_size", "compile", "num_workers", "gather_dtype")
+                      "micro_batch_size", "compile", "num_workers", "gather_dtype", "eval_every")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--eval-batch-size", type=int, default=256, help="batch size when encoding for evaluation")
+    p.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="every K steps (and at step 0, the untrained network) score held-out pointing game + "
+                        "retrieval R@1 into metrics.jsonl, draw alignment.png and keep the best-retrieval "
+                        "checkpoint as best.pt; 0 = off (real data: retrieval only)")
+    p.add_argument("--eval-size", type=int, default=300,
+                   help="held-out scenes / pairs scored by --eval-every (the first of the val split)")
     d = p.add_argument_group("real data (see the README section 'Training on CC3M')")
     d.add_argument("--train-data", default=None, metavar="SPEC",
                    help="training pairs: tar shards ('cc3m/{00000..00331}.tar', globs, lists joined by '::'), a "
@@ -118,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    for name in ("steps", "batch_size", "val_size", "log_every", "save_every", "eval_batch_size"):
-        if getattr(args, name) <= 0:
+    for name in ("steps", "batch_size", "val_size", "log_every", "save_every", "eval_batch_size", "eval_size"):
+        if getattr(args, name, 1) <= 0:  # getattr: eval_size is absent in checkpoints of older runs
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if getattr(args, "eval_every", 0) < 0:
+        raise ValueError(f"--eval-every must be >= 0 (0 = off), got {args.eval_every}")
     if args.batch_size < 2:
         raise ValueError("--batch-size must be at least 2: contrastive learning needs in-batch negatives")
     if args.micro_batch_size < 0:
@@ -440,7 +448,8 @@ def train(args, argv=()) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"minifilip {run.args.preset} ({n_params / 1e6:.1f}M params), loss={run.config.loss}, "
           f"batch {run.args.batch_size}, {run.args.steps} steps on {run.device} ({run.precision}) -> {run.args.out}")
-    train_steps(run, model, optimizer, data, progress)
+    tracker = make_tracker(run) if run.args.eval_every and distributed.is_main() else None
+    train_steps(run, model, optimizer, data, progress, tracker)
     if progress.step < run.args.steps:
         print(f"stopped at step {progress.step}/{run.args.steps}; continue with --resume {run.args.out}")
         return {}
@@ -449,9 +458,12 @@ def train(args, argv=()) -> dict:
     return final_report(run, model, progress, data)
 
 
-def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Progress) -> None:
+def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Progress,
+                tracker: alignment.AlignmentTracker | None = None) -> None:
     """The training loop, to --steps or --stop-at; each step's phases in the order they happen."""
     args, device = run.args, run.device
+    if tracker is not None and progress.step == 0:  # the untrained network: the baseline of every curve
+        track_alignment(run, model, tracker, progress)
     stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
     bar = tqdm(total=args.steps, initial=progress.step, desc="train", dynamic_ncols=True,
                disable=None if distributed.is_main() else True)  # [distributed]
@@ -472,6 +484,7 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
                                 gather_dtype=getattr(args, "gather_dtype", "auto"))
         run.scaler.step(optimizer)  # optimizer.step(); under fp16 it first unscales, and skips inf/NaN steps
         run.scaler.update()
+        model.clamp_logit_scale_()  # in place, after the step: the temperature can come back from its floor
         progress.step += 1
         progress.train_seconds += time.time() - t0
         # ---- logging: the progress bar every step, a metrics.jsonl line every --log-every steps
@@ -492,10 +505,36 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
                 row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             append_jsonl(run.metrics_path, {**row, **data.log_fields(progress.step)})
             window_start, window_images = time.time(), 0
+        # ---- held-out alignment every --eval-every steps (metrics.jsonl, alignment.png, best.pt)
+        if tracker is not None and (progress.step % args.eval_every == 0 or progress.step == args.steps):
+            track_alignment(run, model, tracker, progress)
         # ---- checkpoint every --save-every steps and where this invocation stops
         if progress.step % args.save_every == 0 or progress.step == stop:
             save_run(run, model, optimizer, progress, data)
     bar.close()
+
+
+def make_tracker(run: Run) -> alignment.AlignmentTracker:
+    """The fixed held-out set --eval-every scores: the first --eval-size built-in val scenes (pointing game +
+    retrieval), or the first --eval-size pairs of --val-data / --train-data (retrieval only)."""
+    args, size = run.args, run.config.image_size
+    if real_data(args):
+        images, captions, _keys, _counts = load_pairs(args.val_data or args.train_data, args.eval_size, size,
+                                                      csv_options(args))
+        scenes = None
+    else:
+        images, captions, scenes = builtin_val_pairs(args.eval_size, size, seed=args.seed)
+    return alignment.AlignmentTracker(run.tokenizer, images, captions, scenes, args.eval_batch_size, run.autocast)
+
+
+def track_alignment(run: Run, model: FILIP, tracker: alignment.AlignmentTracker, progress: Progress) -> None:
+    """Score the held-out set now: a metrics.jsonl line, alignment.png redrawn, best.pt when retrieval improved."""
+    before = alignment.eval_rows(run.metrics_path)
+    row = {"step": progress.step, **tracker.measure(model)}
+    append_jsonl(run.metrics_path, row)
+    alignment.plot_alignment(run.metrics_path, os.path.join(run.args.out, "alignment.png"))
+    if not before or alignment.retrieval_score(row) > max(map(alignment.retrieval_score, before)):
+        save_checkpoint(os.path.join(run.args.out, "best.pt"), model, run.tokenizer, step=progress.step, val=row)
 
 
 def load_val_pairs(run: Run) -> tuple[torch.Tensor, list[str]]:
@@ -523,6 +562,9 @@ def final_report(run: Run, model: FILIP, progress: Progress, data: TrainData) ->
     val = load_val_pairs(run)
     final = {"val": held_out_retrieval(run, model, val), "train_seconds": round(progress.train_seconds, 1),
              "preset": args.preset, "loss": run.config.loss, "steps": progress.step, "batch_size": args.batch_size}
+    tracked = alignment.summary(alignment.eval_rows(run.metrics_path))
+    if tracked:
+        final["alignment"] = tracked  # untrained (step 0), best by retrieval (saved as best.pt), last
     if real_data(args):
         bad, converted = split_counts(data.counts)
         final.update(train_data=args.train_data, val_source=args.val_data or
