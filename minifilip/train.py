@@ -31,12 +31,15 @@ from .data.builtin import BuiltinTrainStream, builtin_val_pairs
 from .data.decode import split_counts
 from .data.sources import (CsvOptions, check_source, eval_stream, is_builtin, iter_captions, load_pairs, make_loader,
                            train_stream)
-from .data.grounded import vocabulary
+from .data.grounded import CAPTION_STYLES, vocabulary
 from .metrics import retrieval_metrics
 from .model import FILIP
 from .tokenizer import WordTokenizer
 
 # flags that may differ between a run and its --resume; everything else comes from the checkpoint
+# FILIPConfig fields that --set may not touch, and the flag that sets each instead
+SET_RESERVED = {"vocab_size": "--vocab-size (real data) or the built-in vocabulary", "loss": "--loss",
+                "token_keep_ratio": "--token-keep-ratio", "dropout": "--dropout"}
 RESUME_OVERRIDABLE = ("steps", "device", "precision", "log_every", "save_every", "eval_batch_size",
                       "micro_batch_size", "compile", "num_workers")
 
@@ -73,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the two encoders (default: on with CUDA, where it measured 1.37x faster "
                         "for the small preset; off on the CPU)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any FILIPConfig field of the preset, e.g. --set vision_layers=2 --set "
+                        "text_special_tokens=true (repeatable; see minifilip/config.py)")
+    p.add_argument("--caption-style", default="color-first", choices=list(CAPTION_STYLES),
+                   help="built-in data: how captions name an object ('a red circle', 'a circle in red', "
+                        "'a circle', or colour-/shape-first drawn per mention)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its checkpoint.pt (to --steps in total)")
@@ -117,6 +126,8 @@ def _check_args(args) -> None:
     if getattr(args, "train_data", None) is not None:  # absent in checkpoints of older runs
         if args.vocab_size <= 4 or args.min_count < 1 or args.vocab_samples < 0 or args.num_workers < -1:
             raise ValueError("need --vocab-size > 4, --min-count >= 1, --vocab-samples >= 0, --num-workers >= -1")
+    if getattr(args, "caption_style", "color-first") != "color-first" and real_data(args):
+        raise ValueError("--caption-style applies to the built-in data only, not to --train-data")
     if getattr(args, "val_data", None) and is_builtin(getattr(args, "train_data", None)):
         raise ValueError("--val-data needs --train-data (the built-in dataset has its own validation split)")
 
@@ -245,9 +256,10 @@ def setup(args, argv):
         tokenizer = WordTokenizer.from_dict(ckpt["tokenizer"])
         config = FILIPConfig.from_dict(ckpt["config"])
     else:
-        tokenizer = fit_tokenizer(args) if real_data(args) else WordTokenizer(vocabulary())
+        overrides = FILIPConfig.parse_overrides(args.set, reserved=SET_RESERVED)
+        tokenizer = fit_tokenizer(args) if real_data(args) else WordTokenizer(vocabulary(args.caption_style))
         config = FILIPConfig.preset(args.preset, vocab_size=len(tokenizer), loss=args.loss,
-                                    token_keep_ratio=args.token_keep_ratio, dropout=args.dropout)
+                                    token_keep_ratio=args.token_keep_ratio, dropout=args.dropout, **overrides)
         args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     autocast, scaler, precision = autocast_for(device, args.precision)
     return args, device, ckpt, tokenizer, config, autocast, scaler, precision
@@ -288,7 +300,8 @@ def train(args, argv=()) -> dict:
     if real_data(args):
         stream, epoch_len = open_real_data(args, config, tokenizer, device, step)
     else:
-        stream = iter(BuiltinTrainStream(args.batch_size, config.image_size, seed=args.seed, start_step=step))
+        stream = iter(BuiltinTrainStream(args.batch_size, config.image_size, seed=args.seed, start_step=step,
+                                         caption_style=getattr(args, "caption_style", "color-first")))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"minifilip {args.preset} ({n_params / 1e6:.1f}M params), loss={config.loss}, batch {args.batch_size}, "
           f"{args.steps} steps on {device} ({precision}) -> {args.out}")
@@ -359,7 +372,8 @@ def train(args, argv=()) -> dict:
         val_spec = args.val_data or args.train_data
         images, captions, _keys, _counts = load_pairs(val_spec, args.val_size, config.image_size, csv_options(args))
     else:
-        images, captions, _ = builtin_val_pairs(args.val_size, config.image_size, seed=args.seed)
+        images, captions, _ = builtin_val_pairs(args.val_size, config.image_size, seed=args.seed,
+                                                caption_style=getattr(args, "caption_style", "color-first"))
     ids = tokenizer.encode(captions, config.context_length)
     val = evaluate_retrieval(model, images, ids, captions, device, args.eval_batch_size, autocast)
     final = {"val": val, "train_seconds": round(train_seconds, 1), "preset": args.preset, "loss": config.loss,

@@ -27,14 +27,14 @@ class BuiltinTrainStream:
     """Iterates (images (B, 3, S, S), captions list[str]) from step `start_step` on, forever."""
 
     def __init__(self, batch_size: int, image_size: int = 64, seed: int = 0, start_step: int = 0,
-                 num_scenes: int = 200_000):
+                 num_scenes: int = 200_000, caption_style: str = "color-first"):
         self.batch_size, self.image_size, self.seed = batch_size, image_size, seed
-        self.step, self.num_scenes = start_step, num_scenes
+        self.step, self.num_scenes, self.caption_style = start_step, num_scenes, caption_style
 
     def batch(self, step: int):
         rng = np.random.default_rng([self.seed, 7, step])  # caption choice: one of each scene's phrasings
         first = step * self.batch_size
-        scenes = [render_scene(self.seed, "train", (first + b) % self.num_scenes, self.image_size)
+        scenes = [render_scene(self.seed, "train", (first + b) % self.num_scenes, self.image_size, self.caption_style)
                   for b in range(self.batch_size)]
         picks = rng.integers(CAPTIONS_PER_SCENE, size=len(scenes))
         return images_to_tensor([sc.image for sc in scenes]), [sc.captions[k] for sc, k in zip(scenes, picks)]
@@ -45,7 +45,7 @@ class BuiltinTrainStream:
             self.step += 1
 
 
-def builtin_val_pairs(n: int = 1000, image_size: int = 64, seed: int = 0):
+def builtin_val_pairs(n: int = 1000, image_size: int = 64, seed: int = 0, caption_style: str = "color-first"):
     """The first n validation scenes: (images (n, 3, S, S), captions (their first phrasing), scenes)."""
-    scenes = [render_scene(seed, "val", i, image_size) for i in range(n)]
+    scenes = [render_scene(seed, "val", i, image_size, caption_style) for i in range(n)]
     return images_to_tensor([sc.image for sc in scenes]), [sc.captions[0] for sc in scenes], scenes
