@@ -158,3 +158,13 @@ def test_causal_default_ignores_the_flag_path():
         assert torch.equal(a, b)  # the flag adds no parameter and changes no initialisation
     with torch.no_grad():  # [BOS] sees the words after it only in the bidirectional tower
         assert rel_err(causal.text(ids)[0, 0], bidir.text(ids)[0, 0]) > 1e-3
+
+
+# ------------------------------------------------------------------ the ablation driver
+def test_ablation_driver_lists_variants_and_rejects_unknown_ones(tmp_path):
+    script = os.path.join(ROOT, "benchmarks", "ablate_alignment.py")
+    listed = subprocess.run([sys.executable, script, "--list"], capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0 and "--caption-style shape-first" in listed.stdout and "base" in listed.stdout
+    bad = subprocess.run([sys.executable, script, "--variants", "base,nope", "--out", str(tmp_path / "a")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown variant(s) ['nope']" in bad.stderr and not (tmp_path / "a").exists()
