@@ -83,6 +83,8 @@ def background_diagnosis(model, tokenizer, scenes) -> dict:
     """Where colour words point when they miss, and which words background patches match (image->text).
 
     colour_top_on_background: fraction of colour words whose most similar patch touches no object.
+    pointing_among_objects: the pointing game (colour and shape words) with the background patches left out, i.e.
+    does the word prefer its own object over the other objects (binding), whatever the background does.
     bg_match_<kind>: over every (background patch, caption) pair, how often the patch's best caption token is a
     colour word / shape word / other word; bg_best_sim / object_best_sim: the mean best-token cosine of background
     patches and of object patches (what each adds to the image->text score, the mean over patches).
@@ -95,7 +97,7 @@ def background_diagnosis(model, tokenizer, scenes) -> dict:
     ids = tokenizer.encode(captions, cfg.context_length)
     words, mask = model.encode_text(ids, "tokens")  # (B, L, D), (B, L)
     counts = {"color": 0, "shape": 0, "other": 0}
-    colour_total = colour_bg = 0
+    colour_total = colour_bg = among_total = among_hits = 0
     bg_sims, obj_sims = [], []
     for b, sc in enumerate(scenes):
         on_object = pointing.patch_coverage(sc.masks.any(axis=0)[None], cfg.patch_size)[0] > 0  # (N,)
@@ -108,12 +110,19 @@ def background_diagnosis(model, tokenizer, scenes) -> dict:
             counts[kind_at.get(t, "other") if int(ids[b, t]) not in (BOS_ID, EOS_ID) else "other"] += 1
         bg_sims.append(best_val[~on_object])
         obj_sims.append(best_val[on_object])
+        coverage = pointing.patch_coverage(sc.masks, cfg.patch_size) > 0  # (objects, N)
         for g in sc.groundings[0]:
-            if g.kind == "color" and g.token_index < cfg.context_length - 1:
+            if g.token_index >= cfg.context_length - 1:
+                continue
+            if g.kind == "color":
                 colour_total += 1
                 colour_bg += int(not on_object[int(sim[:, g.token_index].argmax())])
+            on_objects_only = sim[:, g.token_index].masked_fill(~on_object, -3.0)  # background can't win
+            among_total += 1
+            among_hits += int(coverage[g.object_index, int(on_objects_only.argmax())])
     n_bg = max(1, sum(counts.values()))
     return {"colour_top_on_background": colour_bg / max(1, colour_total),
+            "pointing_among_objects": among_hits / max(1, among_total),
             **{f"bg_match_{k}": v / n_bg for k, v in counts.items()}, "bg_best_sim": float(torch.cat(bg_sims).mean()),
             "object_best_sim": float(torch.cat(obj_sims).mean())}
 
@@ -145,6 +154,7 @@ COLUMNS = [("step", "step", "{}"), ("pointing_acc", "pointing all", "{:.3f}"),
            ("retrieval_i2t_R@1", "R@1 i2t", "{:.3f}"), ("retrieval_t2i_R@1", "R@1 t2i", "{:.3f}"),
            ("zeroshot_color", "zs colour", "{:.3f}"), ("zeroshot_shape", "zs shape", "{:.3f}"),
            ("temperature", "temp.", "{:.3f}"), ("colour_top_on_background", "colour top patch on bg", "{:.3f}"),
+           ("pointing_among_objects", "pointing, bg left out", "{:.3f}"),
            ("bg_match_color", "bg patches -> colour word", "{:.3f}"), ("bg_best_sim", "bg best cos", "{:.2f}"), ("object_best_sim", "object best cos", "{:.2f}")]
 
 
@@ -189,6 +199,8 @@ def run_variant(name: str, args) -> None:
     what, flags = VARIANTS[name]
     run_dir = os.path.join(args.out, name)
     entry = load_all(args.out).get(name, {"what": what, "rows": [], "train_wall_s": {}})
+    if args.rescore:  # score the kept checkpoints again (after a metric was added); trains nothing new
+        entry["rows"] = []
     entry["command"] = ("python train_small.py " + " ".join(flags) + f" --steps {args.steps}").replace("  ", " ")
     done = {r["step"] for r in entry["rows"]}
     style = caption_style_of(flags)
@@ -220,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoints", default="500,1000", help="comma-separated steps to stop, keep and score at")
     p.add_argument("--n", type=int, default=300, help="held-out scenes for pointing, retrieval and zero-shot")
     p.add_argument("--out", default="runs/ablate", help="folder: one run per variant, results.json, results.md")
+    p.add_argument("--rescore", action="store_true", help="forget the saved scores of these variants and score "
+                   "their kept stepK.pt again (missing checkpoints are still trained)")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
     args = p.parse_args(argv)
     if args.list:
