@@ -53,6 +53,8 @@ VARIANTS = {
     "shape-first": ("captions name the shape first ('a circle in red')", ["--caption-style", "shape-first"]),
     "mixed": ("captions colour-first or shape-first, drawn per mention", ["--caption-style", "mixed"]),
     "keep25": ("token selection, keep 25% (the paper's)", ["--token-keep-ratio", "0.25"]),
+    "keep25img": ("token selection on the patches only, keep 25% (text tokens all kept)",
+                  ["--token-keep-ratio", "0.25", "--set", "token_keep_text=false"]),
     "depth2": ("image tower 2 layers (default 4)", ["--set", "vision_layers=2"]),
     "shape-only": ("captions without colour words ('a circle')", ["--caption-style", "shape-only"]),
     "patch4": ("finer patch grid: 4 px patches, 256 per image (default 8 px, 64)", ["--set", "patch_size=4"]),

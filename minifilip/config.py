@@ -35,6 +35,7 @@ class FILIPConfig:
     init_temperature: float = 0.07     # initial softmax temperature tau (learned as log(1/tau))
     max_logit_scale: float = 100.0     # clamp on 1/tau so training cannot blow up
     token_keep_ratio: float = 1.0      # paper's token selection: keep this fraction of tokens (1.0 = off)
+    token_keep_text: bool = True       # select text tokens too (the paper's); False: patches only (an ablation)
     cmli_impl: str = "auto"            # late-interaction implementation ("auto", "reference", ...)
 
     def __post_init__(self):

@@ -168,3 +168,33 @@ def test_ablation_driver_lists_variants_and_rejects_unknown_ones(tmp_path):
     bad = subprocess.run([sys.executable, script, "--variants", "base,nope", "--out", str(tmp_path / "a")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown variant(s) ['nope']" in bad.stderr and not (tmp_path / "a").exists()
+
+
+# ------------------------------------------------------------------ token selection on the patches only
+def test_patch_only_selection_keeps_every_text_token_and_the_same_patches():
+    from minifilip.cmli import select_tokens
+    img = torch.nn.functional.normalize(torch.randn(3, 16, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(3, 6, 8), dim=-1)
+    txt_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    both = select_tokens(img, None, txt, txt_mask, 0.25)
+    patches_only = select_tokens(img, None, txt, txt_mask, 0.25, text_ratio=1.0)
+    assert torch.equal(patches_only[0], both[0]) and torch.equal(patches_only[1], both[1])  # same patches kept
+    assert patches_only[2] is txt and patches_only[3] is txt_mask  # the texts untouched
+    assert both[3].sum() < txt_mask.sum()
+    with pytest.raises(ValueError, match="text_ratio"):
+        select_tokens(img, None, txt, txt_mask, 0.25, text_ratio=0.0)
+
+
+def test_token_keep_text_flag_reaches_the_loss():
+    """FILIPConfig.token_keep_text=False: the loss equals late interaction on selected patches and all words."""
+    from minifilip.cmli import late_interaction, select_tokens
+    from minifilip.loss import info_nce
+    model = _text_model(token_keep_ratio=0.25, token_keep_text=False)
+    images, ids = torch.randn(4, 3, 32, 32), torch.tensor([[1, 5, 6, 7, 2, 0]] * 2 + [[1, 9, 8, 2, 0, 0]] * 2)
+    with torch.no_grad():
+        img, txt = model.encode_image(images), model.encode_text(ids)
+        loss = model.contrastive_loss(*img, *txt)
+        kept = select_tokens(*img, *txt, 0.25, text_ratio=1.0)
+        want = info_nce(*late_interaction(*kept), model.temperature_scale)
+        both = info_nce(*late_interaction(*select_tokens(*img, *txt, 0.25)), model.temperature_scale)
+    assert rel_err(loss, want) < 1e-6 and rel_err(loss, both) > 1e-4
