@@ -88,7 +88,7 @@ def background_diagnosis(model, tokenizer, scenes) -> dict:
     pointing_among_objects: the pointing game (colour and shape words) with the background patches left out, i.e.
     does the word prefer its own object over the other objects (binding), whatever the background does.
     bg_match_<kind>: over every (background patch, caption) pair, how often the patch's best caption token is a
-    colour word / shape word / other word; bg_best_sim / object_best_sim: the mean best-token cosine of background
+    colour word / shape word / [BOS] or [EOS] (when they take part) / another word; bg_best_sim / object_best_sim: the mean best-token cosine of background
     patches and of object patches (what each adds to the image->text score, the mean over patches).
     """
     model.eval()
@@ -98,7 +98,7 @@ def background_diagnosis(model, tokenizer, scenes) -> dict:
     captions = [sc.captions[0] for sc in scenes]
     ids = tokenizer.encode(captions, cfg.context_length)
     words, mask = model.encode_text(ids, "tokens")  # (B, L, D), (B, L)
-    counts = {"color": 0, "shape": 0, "other": 0}
+    counts = {"color": 0, "shape": 0, "special": 0, "other": 0}
     colour_total = colour_bg = among_total = among_hits = 0
     bg_sims, obj_sims = [], []
     for b, sc in enumerate(scenes):
@@ -109,7 +109,7 @@ def background_diagnosis(model, tokenizer, scenes) -> dict:
         kind_at = {g.token_index: g.kind for g in sc.groundings[0]}
         for k in torch.nonzero(~on_object)[:, 0].tolist():
             t = int(best_tok[k])
-            counts[kind_at.get(t, "other") if int(ids[b, t]) not in (BOS_ID, EOS_ID) else "other"] += 1
+            counts["special" if int(ids[b, t]) in (BOS_ID, EOS_ID) else kind_at.get(t, "other")] += 1
         bg_sims.append(best_val[~on_object])
         obj_sims.append(best_val[on_object])
         coverage = pointing.patch_coverage(sc.masks, cfg.patch_size) > 0  # (objects, N)
@@ -157,7 +157,8 @@ COLUMNS = [("step", "step", "{}"), ("pointing_acc", "pointing all", "{:.3f}"),
            ("zeroshot_color", "zs colour", "{:.3f}"), ("zeroshot_shape", "zs shape", "{:.3f}"),
            ("temperature", "temp.", "{:.3f}"), ("colour_top_on_background", "colour top patch on bg", "{:.3f}"),
            ("pointing_among_objects", "pointing, bg left out", "{:.3f}"),
-           ("bg_match_color", "bg patches -> colour word", "{:.3f}"), ("bg_best_sim", "bg best cos", "{:.2f}"), ("object_best_sim", "object best cos", "{:.2f}")]
+           ("bg_match_color", "bg patches -> colour word", "{:.3f}"),
+           ("bg_match_special", "bg patches -> [BOS]/[EOS]", "{:.3f}"), ("bg_best_sim", "bg best cos", "{:.2f}"), ("object_best_sim", "object best cos", "{:.2f}")]
 
 
 def markdown(results: dict) -> str:
