@@ -187,21 +187,26 @@ def _keep_top(tokens: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, rat
 
 
 def select_tokens(image_tokens: torch.Tensor, image_mask: torch.Tensor | None, text_tokens: torch.Tensor,
-                  text_mask: torch.Tensor, ratio: float = 0.25):
+                  text_mask: torch.Tensor, ratio: float = 0.25, text_ratio: float | None = None):
     """FILIP token selection: keep each image's and each text's most informative tokens before CMLI.
 
     A patch's rank is its max similarity over all valid tokens of all texts in the batch; a token's rank is its max
     over all valid patches of all images. Each image keeps ceil(ratio * its valid patches) patches (>= 1), each text
     ceil(ratio * its valid tokens) tokens (>= 1). The ranking runs under no_grad; gradients flow through the
     gathered embeddings. Returns (image_tokens, image_mask, text_tokens, text_mask), padded to the largest kept
-    count with False in the masks; ratio == 1.0 returns the inputs unchanged.
+    count with False in the masks; ratio == 1.0 returns the inputs unchanged. `text_ratio` (default: `ratio`) is
+    the texts' own fraction; 1.0 keeps every text token (selection on the patches only).
     """
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if ratio == 1.0:
+    text_ratio = ratio if text_ratio is None else text_ratio
+    for name, r in (("ratio", ratio), ("text_ratio", text_ratio)):
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {r}")
+    if ratio == 1.0 and text_ratio == 1.0:
         return image_tokens, image_mask, text_tokens, text_mask
     image_mask, text_mask = check_inputs(image_tokens, image_mask, text_tokens, text_mask)
     patch_score, token_score = token_max_similarity(image_tokens, image_mask, text_tokens, text_mask)
-    img, img_mask = _keep_top(image_tokens, patch_score, image_mask, ratio)
-    txt, txt_mask = _keep_top(text_tokens, token_score, text_mask, ratio)
+    img, img_mask = (image_tokens, image_mask) if ratio == 1.0 else _keep_top(image_tokens, patch_score,
+                                                                              image_mask, ratio)
+    txt, txt_mask = (text_tokens, text_mask) if text_ratio == 1.0 else _keep_top(text_tokens, token_score,
+                                                                                 text_mask, text_ratio)
     return img, img_mask, txt, txt_mask

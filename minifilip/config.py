@@ -27,6 +27,7 @@ class FILIPConfig:
     text_width: int = 128         # transformer width of the text tower
     text_layers: int = 4          # number of transformer blocks
     text_heads: int = 4           # attention heads
+    text_causal: bool = True      # FILIP's causal text tower; False = bidirectional (a diagnosis, not the paper's)
     # --- shared ---
     mlp_ratio: float = 4.0        # hidden size of the MLP = mlp_ratio * width
     dropout: float = 0.0          # dropout on attention weights and residual branches (both towers)
@@ -40,6 +41,7 @@ class FILIPConfig:
     init_temperature: float = 0.07     # initial softmax temperature tau (learned as logit_scale = log(1/tau))
     min_temperature: float = 0.01      # tau is clamped to >= this (1/tau <= 100) so training cannot blow up
     token_keep_ratio: float = 1.0      # paper's token selection: keep this fraction of tokens (1.0 = off)
+    token_keep_text: bool = True       # select text tokens too (the paper's); False: patches only (an ablation)
     cmli_impl: str = "auto"            # late-interaction implementation ("auto", "reference", ...)
 
     def __post_init__(self):
@@ -79,6 +81,27 @@ class FILIPConfig:
         if not 0.0 < self.token_keep_ratio <= 1.0:
             raise ValueError(f"FILIPConfig.token_keep_ratio must be in (0, 1], got {self.token_keep_ratio}")
 
+    @classmethod
+    def parse_overrides(cls, items: list[str] | None, reserved: dict[str, str] | None = None) -> dict:
+        """["KEY=VALUE", ...] (train_small.py --set) -> {field: typed value}; a one-line ValueError on any bad item.
+
+        Values are read by the field's type: int, float, bool (true/false/1/0/yes/no) or str. `reserved` maps
+        fields that must be set another way to that way (e.g. {"loss": "--loss"}).
+        """
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        out = {}
+        for item in items or []:
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+            if key not in types:
+                raise ValueError(f"--set: unknown FILIPConfig field {key!r}; known: {', '.join(sorted(types))}")
+            if reserved and key in reserved:
+                raise ValueError(f"--set {key}: use {reserved[key]} instead")
+            out[key] = _parse_value(key, types[key], text.strip())
+        return out
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
@@ -104,6 +127,18 @@ class FILIPConfig:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         fields = {**PRESETS[name], **overrides}
         return cls.from_dict(fields)
+
+
+def _parse_value(key: str, type_name: str, text: str):
+    """A --set value as the field's type (dataclass field types are strings here: `from __future__ import annotations`)."""
+    try:
+        if type_name == "bool":
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        return {"int": int, "float": float}.get(type_name, str)(text)
+    except ValueError:
+        raise ValueError(f"--set {key}: {text!r} is not a valid {type_name}") from None
 
 
 PRESETS: dict[str, dict] = {

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from .config import FILIPConfig
+from .tokenizer import PAD_ID
 
 
 class Attention(nn.Module):
@@ -25,9 +26,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:  # x: (B, T, C)
+        """key_mask (B, T) bool, optional: the keys every query may attend to (False = padding)."""
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)  # (B, h, T, d)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+        attn_mask = None if key_mask is None else rearrange(key_mask, "b t -> b 1 1 t")
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h t d -> b t (h d)"))  # (B, T, C)
 
@@ -44,8 +47,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, C)
+        x = x + self.drop(self.attn(self.ln_1(x), key_mask))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -57,9 +60,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, causal) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x)
+            x = block(x, key_mask)
         return self.ln_final(x)
 
 
@@ -95,7 +98,8 @@ class TextEncoder(nn.Module):
     """Causal text transformer: token + position embeddings, causal blocks, per-token projection.
 
     forward(ids (B, L)) -> (B, L, embed_dim); not normalised. Padding sits after [EOS], so a causal mask
-    alone keeps every real token from seeing it.
+    alone keeps every real token from seeing it. With `config.text_causal=False` (a diagnosis, not FILIP's tower)
+    every token sees the whole caption and a key mask hides the padding instead.
     """
 
     def __init__(self, cfg: FILIPConfig):
@@ -103,10 +107,12 @@ class TextEncoder(nn.Module):
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.pos = nn.Parameter(torch.randn(cfg.context_length, cfg.text_width) * 0.01)
         self.drop = nn.Dropout(cfg.dropout)
+        self.causal = cfg.text_causal
         self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.mlp_ratio,
-                                       cfg.dropout, causal=True)
+                                       cfg.dropout, causal=cfg.text_causal)
         self.proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.token_embed(ids) + self.pos[: ids.shape[1]]  # (B, L, C)
-        return self.proj(self.transformer(self.drop(x)))  # (B, L, D)
+        key_mask = None if self.causal else ids != PAD_ID  # (B, L); causal: padding is never seen anyway
+        return self.proj(self.transformer(self.drop(x), key_mask))  # (B, L, D)

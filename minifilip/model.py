@@ -174,7 +174,8 @@ class FILIP(nn.Module):
         ratio = self.config.token_keep_ratio
         if ratio < 1.0:
             image_tokens, image_mask, text_tokens, text_mask = cmli.select_tokens(
-                image_tokens, image_mask, text_tokens, text_mask, ratio)
+                image_tokens, image_mask, text_tokens, text_mask, ratio,
+                text_ratio=ratio if self.config.token_keep_text else 1.0)
         s_i2t, s_t2i = self.scores(image_tokens, image_mask, text_tokens, text_mask)
         return info_nce(s_i2t, s_t2i, self.inverse_temperature)
 

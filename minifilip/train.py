@@ -36,7 +36,7 @@ from .cli import DefaultsHelpFormatter, Parser, check_number, one_line, parse_de
 from .config import PRESETS, FILIPConfig
 from .data.builtin import BuiltinTrainStream, builtin_val_pairs
 from .data.decode import split_counts
-from .data.grounded import vocabulary
+from .data.grounded import CAPTION_STYLES, vocabulary
 from .data.sources import (CsvOptions, check_source, eval_stream, is_builtin, iter_captions, load_pairs, make_loader,
                            train_stream)
 from .evaluate import retrieval
@@ -45,6 +45,9 @@ from .model import FILIP
 from .tokenizer import WordTokenizer
 
 # flags that may differ between a run and its --resume; everything else comes from the checkpoint
+# FILIPConfig fields that --set may not touch, and the flag that sets each instead
+SET_RESERVED = {"vocab_size": "--vocab-size (real data) or the built-in vocabulary", "loss": "--loss",
+                "token_keep_ratio": "--token-keep-ratio", "dropout": "--dropout"}
 RESUME_OVERRIDABLE = ("steps", "device", "precision", "log_every", "save_every", "eval_batch_size",
                       "micro_batch_size", "compile", "num_workers", "gather_dtype", "eval_every")
 
@@ -78,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the two encoders (default: on with CUDA, where it measured 1.37x faster "
                         "for the small preset; off on the CPU)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any FILIPConfig field of the preset, e.g. --set vision_layers=2 --set "
+                        "text_special_tokens=true (repeatable; see minifilip/config.py)")
+    p.add_argument("--caption-style", default="color-first", choices=list(CAPTION_STYLES),
+                   help="built-in data: how captions name an object ('a red circle', 'a circle in red', "
+                        "'a circle', or colour-/shape-first drawn per mention)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>); a folder that already "
                    "holds a run is refused unless --resume or --overwrite")
     p.add_argument("--overwrite", action="store_true",
@@ -141,8 +150,15 @@ def _check_args(args) -> None:
     if getattr(args, "train_data", None) is not None:  # absent in checkpoints of older runs
         if args.vocab_size <= 4 or args.min_count < 1 or args.vocab_samples < 0 or args.num_workers < -1:
             raise ValueError("need --vocab-size > 4, --min-count >= 1, --vocab-samples >= 0, --num-workers >= -1")
+    if caption_style(args) != "color-first" and real_data(args):
+        raise ValueError("--caption-style applies to the built-in data only, not to --train-data")
     if getattr(args, "val_data", None) and is_builtin(getattr(args, "train_data", None)):
         raise ValueError("--val-data needs --train-data (the built-in dataset has its own validation split)")
+
+
+def caption_style(args) -> str:
+    """The built-in captions' style (--caption-style; runs saved before the flag existed used colour-first)."""
+    return getattr(args, "caption_style", "color-first")
 
 
 def real_data(args) -> bool:
@@ -355,12 +371,14 @@ def setup(args, argv) -> Run:
     else:
         args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         runs.check_new_run(args.out, args.overwrite)  # before the (possibly long) vocabulary fit
-        tokenizer = fit_tokenizer(args) if real_data(args) else WordTokenizer(vocabulary())
+        overrides = FILIPConfig.parse_overrides(args.set, reserved=SET_RESERVED)
+        tokenizer = fit_tokenizer(args) if real_data(args) else WordTokenizer(vocabulary(args.caption_style))
         if args.filip_weight is not None and args.loss != "clip+filip":
             raise ValueError(f"--filip-weight only applies to --loss clip+filip (got --loss {args.loss})")
         weights = {"filip_weight": args.filip_weight} if args.filip_weight is not None else {}
         config = FILIPConfig.preset(args.preset, vocab_size=len(tokenizer), loss=args.loss,
-                                    token_keep_ratio=args.token_keep_ratio, dropout=args.dropout, **weights)
+                                    token_keep_ratio=args.token_keep_ratio, dropout=args.dropout, **weights,
+                                    **overrides)
     if args.compile is None:
         args.compile = device.type == "cuda"
     autocast, scaler, precision = autocast_for(device, args.precision)
@@ -422,7 +440,8 @@ def open_train_data(run: Run, step: int, counts: dict) -> TrainData:
     else:
         batches, epoch_len = iter(BuiltinTrainStream(args.batch_size, run.config.image_size, seed=args.seed,
                                                      start_step=step, rank=distributed.rank(),
-                                                     world_size=distributed.world_size())), None  # [distributed]
+                                                     world_size=distributed.world_size(),  # [distributed]
+                                                     caption_style=caption_style(args))), None
     return TrainData(batches, args.batch_size, epoch_len, counts)
 
 
@@ -523,7 +542,8 @@ def make_tracker(run: Run) -> alignment.AlignmentTracker:
                                                       csv_options(args))
         scenes = None
     else:
-        images, captions, scenes = builtin_val_pairs(args.eval_size, size, seed=args.seed)
+        images, captions, scenes = builtin_val_pairs(args.eval_size, size, seed=args.seed,
+                                                     caption_style=caption_style(args))
     return alignment.AlignmentTracker(run.tokenizer, images, captions, scenes, args.eval_batch_size, run.autocast)
 
 
@@ -545,7 +565,8 @@ def load_val_pairs(run: Run) -> tuple[torch.Tensor, list[str]]:
         images, captions, _keys, _counts = load_pairs(args.val_data or args.train_data, args.val_size, size,
                                                       csv_options(args))
     else:
-        images, captions, _scenes = builtin_val_pairs(args.val_size, size, seed=args.seed)
+        images, captions, _scenes = builtin_val_pairs(args.val_size, size, seed=args.seed,
+                                                      caption_style=caption_style(args))
     return images, captions
 
 

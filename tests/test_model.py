@@ -95,10 +95,12 @@ def test_temperature_init_and_clamp():
     assert abs(float(1 / model.inverse_temperature.detach()) - 0.07) < 1e-6
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale_()  # what training does after each optimizer step
     assert float(model.inverse_temperature.detach()) == pytest.approx(100.0)  # 1 / min_temperature
     model = FILIP(small_config(min_temperature=0.05))
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale_()
     assert float(model.inverse_temperature.detach()) == pytest.approx(20.0)
 
 

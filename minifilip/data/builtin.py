@@ -27,12 +27,12 @@ class BuiltinTrainStream:
     """
 
     def __init__(self, batch_size: int, image_size: int = 64, seed: int = 0, start_step: int = 0,
-                 num_scenes: int = 200_000, rank: int = 0, world_size: int = 1):
+                 num_scenes: int = 200_000, rank: int = 0, world_size: int = 1, caption_style: str = "color-first"):
         if batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"batch_size {batch_size} must split evenly over world_size {world_size} "
                              f"(rank {rank})")
         self.batch_size, self.image_size, self.seed = batch_size, image_size, seed
-        self.step, self.num_scenes = start_step, num_scenes
+        self.step, self.num_scenes, self.caption_style = start_step, num_scenes, caption_style
         self.rank, self.world_size = rank, world_size
 
     def batch(self, step: int):
@@ -42,7 +42,7 @@ class BuiltinTrainStream:
         mine = range(self.rank * local, (self.rank + 1) * local)  # my slice of the global batch
         first = step * self.batch_size
         indices = [(first + b) % self.num_scenes for b in mine]
-        scenes = [render_scene(self.seed, "train", i, self.image_size) for i in indices]
+        scenes = [render_scene(self.seed, "train", i, self.image_size, self.caption_style) for i in indices]
         picks = rng.integers(CAPTIONS_PER_SCENE, size=self.batch_size)[mine.start:mine.stop]  # global draw, sliced
         captions = [sc.captions[k] for sc, k in zip(scenes, picks)]
         return images_to_tensor([sc.image for sc in scenes]), captions, [f"train/{i:06d}" for i in indices], {}
@@ -53,9 +53,9 @@ class BuiltinTrainStream:
             self.step += 1
 
 
-def builtin_val_pairs(n: int = 1000, image_size: int = 64, seed: int = 0):
+def builtin_val_pairs(n: int = 1000, image_size: int = 64, seed: int = 0, caption_style: str = "color-first"):
     """The first n validation scenes: (images (n, 3, S, S), captions (their first phrasing), scenes)."""
-    scenes = [render_scene(seed, "val", i, image_size) for i in range(n)]
+    scenes = [render_scene(seed, "val", i, image_size, caption_style) for i in range(n)]
     return images_to_tensor([sc.image for sc in scenes]), [sc.captions[0] for sc in scenes], scenes
 
 

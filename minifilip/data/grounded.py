@@ -21,6 +21,10 @@ COLORS = {  # name -> RGB; saturated so they stand out from the grey-ish backgro
 SIZES = {"small": 0.10, "large": 0.18}  # object radius as a fraction of the image side
 SPLITS = {"train": 0, "val": 1}
 CAPTIONS_PER_SCENE = 3
+# How a caption names an object. "color-first" (the default): "a small red circle"; "shape-first": "a small circle
+# in red" (the causal text tower cannot carry the colour into the shape word); "shape-only": "a small circle" (no
+# colour words at all); "mixed": colour-first or shape-first, drawn per object mention.
+CAPTION_STYLES = ("color-first", "shape-first", "shape-only", "mixed")
 
 
 @dataclass
@@ -86,15 +90,29 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _phrase(obj: dict, with_size: bool) -> list[str]:
-    words = ([obj["size"]] if with_size else []) + [obj["color"], obj["shape"]]
-    return [_article(words[0]), *words]
+def _phrase(obj: dict, with_size: bool, style: str = "color-first") -> tuple[list[str], dict[str, int]]:
+    """The words naming one object, and the position of its colour / shape word within them."""
+    size = [obj["size"]] if with_size else []
+    if style == "color-first":
+        words = size + [obj["color"], obj["shape"]]
+    elif style == "shape-first":
+        words = size + [obj["shape"], "in", obj["color"]]
+    elif style == "shape-only":
+        words = size + [obj["shape"]]
+    else:
+        raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {style!r}")
+    words = [_article(words[0]), *words]
+    return words, {kind: words.index(obj[kind]) for kind in ("color", "shape") if obj[kind] in words}
 
 
-def _caption(rng: np.random.Generator, objects: list[dict]) -> tuple[list[str], list[Grounding]]:
+def _caption(rng: np.random.Generator, objects: list[dict],
+             style: str = "color-first") -> tuple[list[str], list[Grounding]]:
     """Words of one caption plus which word indices name which object."""
     order = list(rng.permutation(len(objects)))
     with_size = [bool(rng.random() < 0.5) for _ in objects]
+    # "mixed": one extra draw per object, only in that style, so the default captions stay as they were
+    styles = [("shape-first" if rng.random() < 0.5 else "color-first") if style == "mixed" else style
+              for _ in objects]
     pieces: list[list[str] | int] = []  # a list of words, or an object index standing for its phrase
     if len(objects) == 1:
         prefix = [[], ["a", "photo", "of"], ["there", "is"], ["an", "image", "of"]][rng.integers(4)]
@@ -116,12 +134,12 @@ def _caption(rng: np.random.Generator, objects: list[dict]) -> tuple[list[str], 
         if isinstance(piece, list):
             words += piece
             continue
-        phrase = _phrase(objects[piece], with_size[piece])
+        phrase, where = _phrase(objects[piece], with_size[piece], styles[piece])
         start = len(words)
         words += phrase
-        # +1: token positions count the leading [BOS]
-        groundings.append(Grounding(start + len(phrase) - 2 + 1, int(piece), "color", phrase[-2]))
-        groundings.append(Grounding(start + len(phrase) - 1 + 1, int(piece), "shape", phrase[-1]))
+        for kind in ("color", "shape"):  # +1: token positions count the leading [BOS]
+            if kind in where:
+                groundings.append(Grounding(start + where[kind] + 1, int(piece), kind, phrase[where[kind]]))
     words.append(".")
     return words, groundings
 
@@ -134,10 +152,13 @@ def join_words(words: list[str]) -> str:
     return text
 
 
-def render_scene(seed: int, split: str, index: int, image_size: int = 64) -> Scene:
-    """Scene `index` of `split` ("train" or "val"): deterministic in (seed, split, index, image_size)."""
+def render_scene(seed: int, split: str, index: int, image_size: int = 64, caption_style: str = "color-first") -> Scene:
+    """Scene `index` of `split` ("train" or "val"): deterministic in (seed, split, index, image_size).
+    The pixels do not depend on `caption_style` (see CAPTION_STYLES), only the captions do."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if caption_style not in CAPTION_STYLES:
+        raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {caption_style!r}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
     s = image_size
     img = _background(rng, s)
@@ -162,7 +183,7 @@ def render_scene(seed: int, split: str, index: int, image_size: int = 64) -> Sce
         masks.append(mask)
     captions, words, groundings = [], [], []
     for _ in range(CAPTIONS_PER_SCENE):
-        w, g = _caption(rng, objects)
+        w, g = _caption(rng, objects, caption_style)
         captions.append(join_words(w))
         words.append(w)
         groundings.append(g)
@@ -171,7 +192,11 @@ def render_scene(seed: int, split: str, index: int, image_size: int = 64) -> Sce
                  groundings=groundings)
 
 
-def vocabulary() -> list[str]:
-    """Every word a built-in caption can use (for fitting a tokenizer without rendering)."""
+def vocabulary(caption_style: str = "color-first") -> list[str]:
+    """Every word a built-in caption of this style can use (for fitting a tokenizer without rendering).
+    The default style's list is unchanged, so its tokenizer (and a default run) stays what it was."""
+    if caption_style not in CAPTION_STYLES:
+        raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {caption_style!r}")
     words = {"a", "an", "photo", "of", "there", "is", "image", "and", "left", "right", "above", "below", ",", "."}
+    words |= {"in"} if caption_style in ("shape-first", "mixed") else set()
     return sorted(words | set(SHAPES) | set(COLORS) | set(SIZES))
