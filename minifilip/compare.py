@@ -190,10 +190,11 @@ def compare(args) -> str:
     spec = spec_of(args)
     check_spec(out, spec)
     os.makedirs(out, exist_ok=True)
-    paths, finals = {}, {}
+    paths, finals, actions = {}, {}, []
     for loss, folder in LOSSES.items():
         run_dir = os.path.join(out, folder)
-        print(f"{NAMES[loss]}: {ensure_trained(loss, run_dir, args)} ({run_dir})", flush=True)
+        actions.append(ensure_trained(loss, run_dir, args))
+        print(f"{NAMES[loss]}: {actions[-1]} ({run_dir})", flush=True)
         paths[loss] = os.path.join(run_dir, "checkpoint.pt")
         with open(os.path.join(run_dir, "final.json")) as f:
             finals[loss] = json.load(f)
@@ -203,12 +204,18 @@ def compare(args) -> str:
     eval_args = evaluate.build_parser().parse_args(
         [a for p in paths.values() for a in ("--checkpoint", p)] +
         ["--n", str(args.n), "--n-zeroshot", str(args.n_zeroshot), "--device", "cpu" if device == "auto" else device])
-    rows = {}
-    for loss, p in paths.items():
-        print(f"evaluating {NAMES[loss]} (and its untrained network) ...", flush=True)
-        rows[loss] = evaluate.evaluate_checkpoint(p, NAMES[loss], eval_args)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(list(rows.values()), f, indent=2)
+    results = os.path.join(out, "results.json")
+    if all(a == "reused" for a in actions) and os.path.exists(results):  # nothing retrained: its evaluation holds
+        print(f"reusing the evaluation in {results}", flush=True)
+        with open(results) as f:
+            rows = dict(zip(paths, json.load(f)))
+    else:
+        rows = {}
+        for loss, p in paths.items():
+            print(f"evaluating {NAMES[loss]} (and its untrained network) ...", flush=True)
+            rows[loss] = evaluate.evaluate_checkpoint(p, NAMES[loss], eval_args)
+        with open(results, "w") as f:
+            json.dump(list(rows.values()), f, indent=2)
     table = comparison_table(rows, finals)
     note = (f"\n\n{args.steps} steps each, seed {args.seed}, train_small.py defaults"
             + (f" + `{args.train_args}`" if args.train_args else "") +

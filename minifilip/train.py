@@ -220,13 +220,13 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int) -> float
 
 
 def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; the weight matrices of Linear layers decay, biases / norms / embeddings / positions / temperature do not.
-
-    Decided by layer type, not by name: a name rule ("embed" not in the name) also exempted the patch projection.
-    """
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    decay = [p for p in model.parameters() if id(p) in linear_weights]
-    no_decay = [p for p in model.parameters() if id(p) not in linear_weights]
+    """AdamW; the transformer and output-projection matrices decay. Biases, norms, the temperature and the
+    embeddings do not: token and position embeddings, the CLS token, and the patch embedding (the image tower's
+    input projection, named `patch_embed`, treated like the token embedding it mirrors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.dim() >= 2 and "embed" not in name and not name.endswith("pos")
+        (decay if is_matrix else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 

@@ -26,6 +26,11 @@ def test_compare_end_to_end_then_reuse_and_refuse_other_settings(tmp_path, capsy
     args = compare.build_parser().parse_args([*TINY, "--out", str(out)])
     assert compare.ensure_trained("filip", str(out / "filip"), args) == "reused"
     capsys.readouterr()
+    # run again: nothing retrained, so the evaluation is reused too (same table, no re-evaluation)
+    assert compare.main([*TINY, "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert "reusing the evaluation" in again and "evaluating" not in again
+    assert (out / "table.md").read_text() == table
     # other settings in the same folder: one-line error, nothing touched
     before = (out / "filip" / "checkpoint.pt").stat().st_mtime_ns
     assert compare.main([*TINY, "--seed", "1", "--out", str(out)]) == 2
