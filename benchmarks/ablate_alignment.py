@@ -57,6 +57,8 @@ VARIANTS = {
                   ["--token-keep-ratio", "0.25", "--set", "token_keep_text=false"]),
     "depth2": ("image tower 2 layers (default 4)", ["--set", "vision_layers=2"]),
     "shape-only": ("captions without colour words ('a circle')", ["--caption-style", "shape-only"]),
+    "bgwords": ("captions also name the background ('... on a checkered background.')",
+                ["--caption-style", "color-first+background"]),
     "patch4": ("finer patch grid: 4 px patches, 256 per image (default 8 px, 64)", ["--set", "patch_size=4"]),
 }
 

@@ -94,8 +94,10 @@ def evaluate_checkpoint(path: str, name: str, args) -> dict:
     cfg = model.config
     row = {"checkpoint": path, "name": name, "loss": cfg.loss, "token_keep_ratio": cfg.token_keep_ratio,
            "step": ckpt.get("step"), "data": args.data, "retrieval_rule": RETRIEVAL_RULE}
-    if args.data == "builtin":
-        images, captions, scenes = builtin_val_pairs(args.n, cfg.image_size)
+    if args.data == "builtin":  # held-out captions in the style the model was trained on
+        style = (ckpt.get("args") or {}).get("caption_style", "color-first")
+        images, captions, scenes = builtin_val_pairs(args.n, cfg.image_size, caption_style=style)
+        row["caption_style"] = style
     else:
         images, captions, bad = source_pairs(args.data, args.n, cfg.image_size)
         scenes, row["data_bad_samples"] = None, bad

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, rel_err
 from minifilip.config import FILIPConfig
 from minifilip.data.builtin import BuiltinTrainStream
-from minifilip.data.grounded import CAPTION_STYLES, render_scene, vocabulary
+from minifilip.data.grounded import BACKGROUNDS, CAPTION_STYLES, render_scene, split_style, vocabulary
 from minifilip.model import FILIP
 from minifilip.tokenizer import PAD_ID, WordTokenizer, split_words
 
@@ -81,7 +81,7 @@ def test_caption_styles_tie_words_to_objects_and_order_them():
             sc = render_scene(0, "train", i, caption_style=style)
             for caption, words, groundings in zip(sc.captions, sc.words, sc.groundings):
                 assert split_words(caption) == words and "[UNK]" not in tok.tokens(caption, 24)
-                kinds = {"shape-only": ["shape"]}.get(style, ["color", "shape"])
+                kinds = {"shape-only": ["shape"]}.get(split_style(style)[0], ["color", "shape"])
                 assert len(groundings) == len(kinds) * len(sc.objects)
                 for g in groundings:
                     assert g.kind in kinds and tok.tokens(caption, 24)[g.token_index] == g.word
@@ -92,10 +92,29 @@ def test_caption_styles_tie_words_to_objects_and_order_them():
                 for pos in by_object.values():
                     if len(pos) == 2:
                         orders[style].add("shape-first" if pos["shape"] < pos["color"] else "color-first")
-                if style == "shape-only":
+                if split_style(style)[0] == "shape-only":
                     assert not set(words) & {o["color"] for o in sc.objects}
-    assert orders == {"color-first": {"color-first"}, "shape-first": {"shape-first"}, "shape-only": set(),
-                      "mixed": {"color-first", "shape-first"}}
+    expected = {"color-first": {"color-first"}, "shape-first": {"shape-first"}, "shape-only": set(),
+                "mixed": {"color-first", "shape-first"}}
+    assert orders == {**expected, **{f"{k}+background": v for k, v in expected.items()}}
+
+
+def test_background_words_name_the_drawn_texture_and_change_nothing_else():
+    seen = set()
+    for i in range(40):
+        plain, named = render_scene(0, "val", i), render_scene(0, "val", i, caption_style="color-first+background")
+        assert np.array_equal(plain.image, named.image) and plain.objects == named.objects
+        assert [[vars(g) for g in c] for c in plain.groundings] == [[vars(g) for g in c] for c in named.groundings]
+        texture = named.words[0][-3]
+        for before, after, words in zip(plain.captions, named.captions, named.words):
+            assert after == before[:-1] + f" on a {texture} background." and words[-3] == texture
+        background = named.image[~named.masks.any(0)].astype(float)  # (pixels, 3) outside every object
+        spread = background.std(0).max()
+        assert (spread < 1.0) == (texture == "plain"), (i, texture, spread)  # only "plain" is flat
+        seen.add(texture)
+    assert seen == set(BACKGROUNDS)
+    with pytest.raises(ValueError, match="caption style"):
+        render_scene(0, "val", 0, caption_style="color-first+sky")
 
 
 def test_caption_style_changes_captions_only_and_default_is_unchanged():

@@ -23,8 +23,12 @@ SPLITS = {"train": 0, "val": 1}
 CAPTIONS_PER_SCENE = 3
 # How a caption names an object. "color-first" (the default): "a small red circle"; "shape-first": "a small circle
 # in red" (the causal text tower cannot carry the colour into the shape word); "shape-only": "a small circle" (no
-# colour words at all); "mixed": colour-first or shape-first, drawn per object mention.
-CAPTION_STYLES = ("color-first", "shape-first", "shape-only", "mixed")
+# colour words at all); "mixed": colour-first or shape-first, drawn per object mention. Any of them + "+background":
+# the caption also names the background's texture ("... on a checkered background."), so the background patches
+# have a word of their own to match in FILIP's image->text direction instead of the objects' colour words.
+OBJECT_STYLES = ("color-first", "shape-first", "shape-only", "mixed")
+CAPTION_STYLES = OBJECT_STYLES + tuple(f"{style}+background" for style in OBJECT_STYLES)
+BACKGROUNDS = ("plain", "shaded", "noisy", "checkered")  # the texture word of each background style
 
 
 @dataclass
@@ -67,8 +71,16 @@ def shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float,
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _background(rng: np.random.Generator, s: int) -> np.ndarray:
-    """A low-saturation background: flat, gradient, noise or checker. (S, S, 3) float."""
+def split_style(caption_style: str) -> tuple[str, bool]:
+    """"shape-first+background" -> ("shape-first", True): how objects are named, and whether the background is."""
+    if caption_style not in CAPTION_STYLES:
+        raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {caption_style!r}")
+    objects, _, background = caption_style.partition("+")
+    return objects, background == "background"
+
+
+def _background(rng: np.random.Generator, s: int) -> tuple[np.ndarray, str]:
+    """A low-saturation background: flat, gradient, noise or checker. (S, S, 3) float and its texture word."""
     base = rng.uniform(60, 190) + rng.uniform(-12, 12, size=3)  # grey with a faint tint
     style = rng.integers(4)
     ramp = np.linspace(-1, 1, s)
@@ -83,7 +95,7 @@ def _background(rng: np.random.Generator, s: int) -> np.ndarray:
         cell = int(rng.integers(4, 12))
         yy, xx = np.mgrid[:s, :s]
         img = base + 14 * (((yy // cell) + (xx // cell)) % 2)[..., None]
-    return img
+    return img, BACKGROUNDS[style]
 
 
 def _article(word: str) -> str:
@@ -105,9 +117,10 @@ def _phrase(obj: dict, with_size: bool, style: str = "color-first") -> tuple[lis
     return words, {kind: words.index(obj[kind]) for kind in ("color", "shape") if obj[kind] in words}
 
 
-def _caption(rng: np.random.Generator, objects: list[dict],
-             style: str = "color-first") -> tuple[list[str], list[Grounding]]:
-    """Words of one caption plus which word indices name which object."""
+def _caption(rng: np.random.Generator, objects: list[dict], style: str = "color-first",
+             background: str | None = None) -> tuple[list[str], list[Grounding]]:
+    """Words of one caption plus which word indices name which object; `background` (a texture word) adds
+    "on a <texture> background" at the end, drawing nothing from rng (the object words stay the same)."""
     order = list(rng.permutation(len(objects)))
     with_size = [bool(rng.random() < 0.5) for _ in objects]
     # "mixed": one extra draw per object, only in that style, so the default captions stay as they were
@@ -140,6 +153,8 @@ def _caption(rng: np.random.Generator, objects: list[dict],
         for kind in ("color", "shape"):  # +1: token positions count the leading [BOS]
             if kind in where:
                 groundings.append(Grounding(start + where[kind] + 1, int(piece), kind, phrase[where[kind]]))
+    if background is not None:
+        words += ["on", _article(background), background, "background"]
     words.append(".")
     return words, groundings
 
@@ -157,11 +172,10 @@ def render_scene(seed: int, split: str, index: int, image_size: int = 64, captio
     The pixels do not depend on `caption_style` (see CAPTION_STYLES), only the captions do."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    if caption_style not in CAPTION_STYLES:
-        raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {caption_style!r}")
+    object_style, name_background = split_style(caption_style)
     rng = np.random.default_rng([seed, SPLITS[split], index])
     s = image_size
-    img = _background(rng, s)
+    img, texture = _background(rng, s)
     yy, xx = np.mgrid[:s, :s] + 0.5  # pixel centres
     n_objects = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
     objects, masks = [], []
@@ -183,7 +197,7 @@ def render_scene(seed: int, split: str, index: int, image_size: int = 64, captio
         masks.append(mask)
     captions, words, groundings = [], [], []
     for _ in range(CAPTIONS_PER_SCENE):
-        w, g = _caption(rng, objects, caption_style)
+        w, g = _caption(rng, objects, object_style, texture if name_background else None)
         captions.append(join_words(w))
         words.append(w)
         groundings.append(g)
@@ -195,8 +209,8 @@ def render_scene(seed: int, split: str, index: int, image_size: int = 64, captio
 def vocabulary(caption_style: str = "color-first") -> list[str]:
     """Every word a built-in caption of this style can use (for fitting a tokenizer without rendering).
     The default style's list is unchanged, so its tokenizer (and a default run) stays what it was."""
-    if caption_style not in CAPTION_STYLES:
-        raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {caption_style!r}")
+    object_style, name_background = split_style(caption_style)
     words = {"a", "an", "photo", "of", "there", "is", "image", "and", "left", "right", "above", "below", ",", "."}
-    words |= {"in"} if caption_style in ("shape-first", "mixed") else set()
+    words |= {"in"} if object_style in ("shape-first", "mixed") else set()
+    words |= {"on", "background", *BACKGROUNDS} if name_background else set()
     return sorted(words | set(SHAPES) | set(COLORS) | set(SIZES))
