@@ -153,3 +153,20 @@ def test_skipped_bad_samples_of_data_are_reported(tmp_path, tiny_checkpoint, cap
     assert "skipped 1 bad samples (decode_error: 1)" in capsys.readouterr().err
     row = json.loads((tmp_path / "r.json").read_text())[0]
     assert row["data_bad_samples"] == {"decode_error": 1} and row["retrieval_n"] == 3
+
+
+def test_builtin_captions_follow_the_checkpoints_caption_style(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_metrics(model, tokenizer, images, captions, scenes, args, warn=True):
+        seen["captions"] = captions
+        return {}
+    monkeypatch.setattr(evaluate, "model_metrics", fake_metrics)
+    args = evaluate.build_parser().parse_args(["--checkpoint", "x", "--n", "4", "--no-untrained"])
+    for style, suffix in (("color-first+background", " background."), (None, "")):
+        path = tmp_path / f"{style}.pt"
+        save_checkpoint(path, *tiny_model(), args={"caption_style": style} if style else {})
+        row = evaluate.evaluate_checkpoint(str(path), "m", args)
+        assert row["caption_style"] == (style or "color-first")
+        assert all(c.endswith(suffix) for c in seen["captions"])
+        assert any(c.endswith(" background.") for c in seen["captions"]) == bool(style)
