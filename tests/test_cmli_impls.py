@@ -204,25 +204,32 @@ TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-def skip_untested_kernel(why: str):
+def skip_untested_kernel(why: str, kernel: str = "the fused Triton CMLI kernel"):
     """Skip the kernel test, loudly: a plain `pytest -q` hides skip reasons (they need -rs) but prints warnings, so
     warn first. With MINIFILIP_REQUIRE_TRITON=1 (set by CI, which installs Triton) a missing Triton fails instead."""
-    message = f"the fused Triton CMLI kernel was NOT tested: {why}"
+    message = f"{kernel} was NOT tested: {why}"
     if os.environ.get("MINIFILIP_REQUIRE_TRITON") == "1":
         pytest.fail(message + " (MINIFILIP_REQUIRE_TRITON=1)")
     warnings.warn(message, UserWarning)
     pytest.skip(message)
 
 
-def test_triton_kernel_in_interpreter():
+def run_in_interpreter(script: str, kernel: str = "the fused Triton CMLI kernel", timeout: int = 300):
+    """Run `script` in a fresh Python with TRITON_INTERPRET=1 (Triton's CPU interpreter); it must exit 0."""
     if importlib.util.find_spec("triton") is None:
-        skip_untested_kernel("Triton is not installed (it comes with torch's Linux wheels; see requirements.txt)")
+        skip_untested_kernel("Triton is not installed (it comes with torch's Linux wheels; see requirements.txt)",
+                             kernel)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
     if proc.returncode != 0 and "No module named 'triton'" in proc.stderr:
-        skip_untested_kernel("Triton cannot be imported")
+        skip_untested_kernel("Triton cannot be imported", kernel)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc
+
+
+def test_triton_kernel_in_interpreter():
+    run_in_interpreter(TRITON_SCRIPT)
 
 
 def test_triton_on_cpu_without_interpreter_is_refused():
