@@ -340,6 +340,20 @@ def ranking_ms(B, N, M, D, dtype, device, timer, impls):
     return out
 
 
+def compiled_variants() -> dict:
+    """How many binaries Triton compiled per kernel in this process (None where this Triton keeps them
+    elsewhere): batch sizes and lengths are runtime arguments, so new batch sizes must not add any."""
+    from minifilip.kernels import load_ranking_triton, load_triton
+    out = {}
+    for name, kernel in (("ranking", load_ranking_triton()._ranking_kernel),
+                         ("cmli_fwd", load_triton()._cmli_fwd_kernel)):
+        try:
+            out[name] = sum(len(entry[0]) for entry in kernel.device_caches.values())
+        except (AttributeError, TypeError, IndexError):
+            out[name] = None
+    return out
+
+
 def write_json(path: Path, data: dict) -> None:
     """Atomic: a temp file renamed over the target, so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -371,6 +385,8 @@ def main(argv=None):
                    help="set one kernel knob (repeatable): fwd.ARGMAX=2, bwd_w.SPLIT_I=4, ranking.BLOCK_D=256, ...")
     p.add_argument("--ranking", action="store_true", help="also time the selection ranking (chunked and triton)")
     p.add_argument("--no-table", action="store_true", help="skip the per-batch fwd+bwd table")
+    p.add_argument("--budget-ms", type=float, default=1500.0,
+                   help="time budget per measurement; the repeat count (2..20) adapts to it")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
@@ -385,7 +401,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     batches = args.batches or ([128, 256, 512, 1024, 2048, 4096] if cuda else [16, 32, 64])
     N, M, D = args.N or (196 if cuda else 49), args.M, args.D or (256 if cuda else 64)
-    timer = Timer(device)
+    timer = Timer(device, budget_ms=args.budget_ms)
     args.impls = args.impls or ["reference", "chunked", "chunked-recompute"] + (["triton"] if cuda else [])
     if cuda:
         import triton
@@ -471,6 +487,10 @@ def main(argv=None):
     print("(* matmul run as row chunks: its single output would not fit)\n")
     print(table)
     results["table"] = table
+    if cuda:
+        results["compiled_variants"] = compiled_variants()
+        print("compiled kernel variants (one per dtype/tile config; batch sizes add none):",
+              results["compiled_variants"])
     if args.json:
         write_json(args.json, results)
 
