@@ -180,26 +180,14 @@ def _ranking_usable(device: torch.device) -> bool:
 
 
 def _token_max_similarity_triton(image_tokens, image_mask, text_tokens, text_mask):
-    """token_max_similarity through the fused kernel. The maxima are fp32 sums; for 16-bit inputs they are then
-    rounded to the input dtype, as the chunked version's matmul output is (rounding is monotone, so the max of the
-    rounded scores is the rounded max): both versions rank the same."""
+    """token_max_similarity through the fused kernel (minifilip/kernels/ranking_triton.py)."""
     if not _ranking_usable(image_tokens.device):
         raise ValueError("impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 before importing "
                          "triton); use impl='chunked'")
     if image_tokens.dtype != text_tokens.dtype or image_tokens.dtype not in HALF_OR_FLOAT:
         raise ValueError(f"impl='triton' takes float32/float16/bfloat16 inputs of one dtype, got "
                          f"{image_tokens.dtype} and {text_tokens.dtype}")
-    I, N, _ = image_tokens.shape
-    T, M, _ = text_tokens.shape
-    v = rearrange(image_tokens, "i n d -> (i n) d").contiguous()
-    w = rearrange(text_tokens, "t m d -> (t m) d").contiguous()
-    v_ok = rearrange(image_mask, "i n -> (i n)").to(torch.int8).contiguous()
-    w_ok = rearrange(text_mask, "t m -> (t m)").to(torch.int8).contiguous()
-    patch_score, token_score = load_ranking_triton().row_col_max(v, w, v_ok, w_ok)  # (I*N,), (T*M,) float32
-    if image_tokens.dtype != torch.float32:
-        dtype = image_tokens.dtype
-        patch_score, token_score = patch_score.to(dtype).float(), token_score.to(dtype).float()
-    return patch_score.view(I, N), token_score.view(T, M)
+    return load_ranking_triton().token_max_similarity(image_tokens, image_mask, text_tokens, text_mask)
 
 
 def keep_count(n_valid: torch.Tensor, ratio: float) -> torch.Tensor:

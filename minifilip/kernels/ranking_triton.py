@@ -38,6 +38,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from einops import rearrange
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -135,3 +136,24 @@ def row_col_max(v: torch.Tensor, w: torch.Tensor, v_ok: torch.Tensor, w_ok: torc
                           PREC="ieee" if v.dtype == torch.float32 else "tf32",
                           num_warps=cfg["num_warps"], num_stages=stages)
     return row_max, decode_torch(col_key)
+
+
+def token_max_similarity(image_tokens, image_mask, text_tokens, text_mask):
+    """`cmli.token_max_similarity` on the fused kernel: image_tokens (I, N, D), image_mask (I, N) bool, text_tokens
+    (T, M, D), text_mask (T, M) bool -> (patch_score (I, N), token_score (T, M)) float32, -inf at padding.
+
+    The maxima are fp32 sums; for 16-bit inputs they are then rounded to the input dtype, as the chunked version's
+    matmul output is. Rounding is monotone (the max of the rounded scores is the rounded max), so both versions
+    rank alike, up to the summation order inside the dot products.
+    """
+    I, N, _ = image_tokens.shape
+    T, M, _ = text_tokens.shape
+    v = rearrange(image_tokens, "i n d -> (i n) d").contiguous()
+    w = rearrange(text_tokens, "t m d -> (t m) d").contiguous()
+    v_ok = rearrange(image_mask, "i n -> (i n)").to(torch.int8).contiguous()
+    w_ok = rearrange(text_mask, "t m -> (t m)").to(torch.int8).contiguous()
+    patch_score, token_score = row_col_max(v, w, v_ok, w_ok)  # (I*N,), (T*M,) float32
+    if image_tokens.dtype != torch.float32:
+        dtype = image_tokens.dtype
+        patch_score, token_score = patch_score.to(dtype).float(), token_score.to(dtype).float()
+    return patch_score.view(I, N), token_score.view(T, M)
