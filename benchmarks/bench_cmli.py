@@ -410,14 +410,22 @@ def main(argv=None):
         env = f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
     print(env)
     results = {"env": env, "dtype": str(dtype), "N": N, "M": M, "D": D, "settings": settings, "rows": []}
+    def save():  # after every phase: a run stopped by a time limit still leaves what it measured
+        if args.json:
+            write_json(args.json, results)
+
     if args.tune:
         results["tune"] = tune(args.tune, N, M, D, dtype, device, timer)
+        save()
     if args.tune_ranking:
         results["tune_ranking"] = tune_ranking(args.tune_ranking, N, M, D, dtype, device, timer)
+        save()
     if args.check:  # after tuning: check the tiles the table will use
         results["check"] = check(device)
+        save()
     if args.check_large:
         results["check_large"] = check_large(args.check_large, N, M, D, dtype, device)
+        save()
     if triton_runs_here(device):
         from minifilip.kernels import load_ranking_triton, load_triton
         results["config"] = {"cmli": load_triton().CONFIG, "ranking": load_ranking_triton().CONFIG}
@@ -460,6 +468,7 @@ def main(argv=None):
             print(f"batch {B} {name}: {row[name]}", flush=True)
         del v, w, tm
         results["rows"].append(row)
+        save()
 
     # the table
     names = args.impls
@@ -491,8 +500,7 @@ def main(argv=None):
         results["compiled_variants"] = compiled_variants()
         print("compiled kernel variants (one per dtype/tile config; batch sizes add none):",
               results["compiled_variants"])
-    if args.json:
-        write_json(args.json, results)
+    save()
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ from tests.test_cmli_impls import run_in_interpreter
 ROOT = Path(__file__).resolve().parents[1]
 
 BENCH_CMLI_SCRIPT = textwrap.dedent("""
-    import json, sys
-    sys.path.insert(0, "benchmarks")
-    import bench_cmli
+    import json, runpy
+    bench_cmli = runpy.run_path("benchmarks/bench_cmli.py", run_name="bench_cmli")  # the script's globals
     out = {OUT!r}
-    bench_cmli.main(["--device", "cpu", "--check", "--check-large", "5", "--N", "9", "--M", "5", "--D", "16",
+    bench_cmli["main"](["--device", "cpu", "--check", "--check-large", "5", "--N", "9", "--M", "5", "--D", "16",
                      "--batches", "4", "--impls", "triton", "--ranking", "--set", "fwd.ARGMAX=2",
                      "--set", "ranking.BLOCK_D=16", "--budget-ms", "1", "--json", out])
     r = json.load(open(out))
