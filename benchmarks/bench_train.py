@@ -13,6 +13,11 @@ backward (plain, or `cached_backward`), AdamW step. Measured parts:
   (c) gradient-cached training at contrastive batch 4096, micro-batch 256
   (d) FILIP (token selection 25%) vs CLIP loss, plain, at batch 1024
   anchor: CLIP loss, plain, batch 512 (compare: an eager timm ViT-S/16 + 6-layer text tower, 4,900 img/s)
+  (e) --loss-rows (issue 17): at contrastive batches --loss-batches (default 1024 and 2048), CLIP, FILIP and
+      FILIP with --keep-ratio selection: the whole step, the loss alone (forward + backward of the contrastive
+      loss on already-encoded tokens) and the ranking alone (`cmli.token_max_similarity`, auto = the fused kernel
+      on CUDA; also the chunked one there, for comparison). One model per mode serves all three losses (the towers
+      do not depend on the loss), so torch.compile compiles once per batch shape.
 
 MFU counts the two encoders' model FLOPs only (matmuls ~2 x params x tokens, plus attention; x3 for
 forward + backward), not the loss and not gradient caching's recomputed forward, against the bf16 dense
@@ -22,10 +27,12 @@ is lower by construction.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -33,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minifilip import FILIP, FILIPConfig, cmli  # noqa: E402
+from minifilip.cli import Parser  # noqa: E402
 from minifilip.gradcache import cached_backward, reference_microbatched_loss  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16
@@ -101,7 +109,8 @@ class Bench:
             self.models.clear()  # free the previous model's memory before building the next
             gc.collect()
             torch.manual_seed(0)
-            cfg = FILIPConfig.preset(self.args.preset, loss=loss, token_keep_ratio=keep, dropout=0.0,
+            cfg = FILIPConfig.preset(self.args.preset, loss="filip" if loss == "shared" else loss,
+                                     token_keep_ratio=keep, dropout=0.0,
                                      **({"vocab_size": 32000, "context_length": 32} if self.args.preset != "tiny"
                                         else {}))
             model = FILIP(cfg).to(self.device).train()
@@ -111,6 +120,49 @@ class Bench:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=self.cuda)
             self.models[key] = (model, opt)
         return self.models[key]
+
+    def shared_model(self, loss: str, keep: float, compiled: bool):
+        """One model + AdamW per mode for every loss: its config is swapped to (loss, keep) on each call. The
+        towers never read the loss, so a compiled model is not recompiled when only the loss changes."""
+        model, opt = self.model("shared", 1.0, compiled)
+        model.config = dataclasses.replace(model.config, loss=loss, token_keep_ratio=keep)
+        return model, opt
+
+    def timed_ms(self, fn) -> float:
+        """Median ms of fn over --steps runs after one untimed run (synchronised on CUDA)."""
+        times = []
+        for i in range(1 + self.args.steps):
+            if self.cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if self.cuda:
+                torch.cuda.synchronize()
+            if i:
+                times.append(1e3 * (time.perf_counter() - t))
+        return round(statistics.median(times), 2)
+
+    def loss_and_ranking(self, model, images, ids, row: dict) -> None:
+        """row += loss_ms (fwd + bwd of the contrastive loss on encoded tokens) and, for token losses, ranking_ms
+        (token_max_similarity, auto) and on CUDA ranking_chunked_ms."""
+        amp = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.args.amp == "bf16")
+        with torch.no_grad(), torch.autocast(**amp):
+            it, im = model.encode_image(images)
+            tt, tm = model.encode_text(ids)
+        it, tt = it.detach().requires_grad_(), tt.detach().requires_grad_()
+
+        def loss_only():
+            with torch.autocast(**amp):
+                loss = model.contrastive_loss(it, im, tt, tm)
+            loss.backward()
+            it.grad = tt.grad = model.logit_scale.grad = None
+
+        row["loss_ms"] = self.timed_ms(loss_only)
+        if it.shape[1] > 1:  # token-wise: what selection would rank
+            row["ranking_ms"] = self.timed_ms(lambda: cmli.token_max_similarity(it, im, tt, tm))
+            if self.cuda:
+                row["ranking_chunked_ms"] = self.timed_ms(
+                    lambda: cmli.token_max_similarity(it, im, tt, tm, impl="chunked"))
 
     def step(self, model, opt, images, ids, micro):
         opt.zero_grad(set_to_none=True)
@@ -124,14 +176,15 @@ class Bench:
         opt.step()
 
     def measure(self, part: str, loss: str, batch: int, micro: int | None = None, keep: float = 1.0,
-                compiled: bool = False) -> dict:
+                compiled: bool = False, loss_alone: bool = False) -> dict:
+        """One row: the training step (and with loss_alone, the loss and the ranking alone, on a shared model)."""
         a = self.args
         row = dict(part=part, mode="compiled" if compiled else "eager", loss=loss, keep=keep, batch=batch,
                    micro=micro or "-", status="ok")
         if self.out_of_time():
             row["status"] = "skipped (time budget)"
             return self._record(row)
-        model, opt = self.model(loss, keep, compiled)
+        model, opt = self.shared_model(loss, keep, compiled) if loss_alone else self.model(loss, keep, compiled)
         cfg = model.config
         err = None
         try:
@@ -158,6 +211,8 @@ class Bench:
                        mfu=round(100 * flops / dt / PEAK_BF16_FLOPS, 1) if self.cuda else None,
                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if self.cuda else None,
                        text_len=text_len)
+            if loss_alone:
+                self.loss_and_ranking(model, images, ids, row)
         except Exception as e:  # noqa: BLE001 - report and carry on with the next configuration
             err = e
         if err is not None:
@@ -174,7 +229,8 @@ class Bench:
     def _record(self, row: dict) -> dict:
         self.rows.append(row)
         shown = {k: row.get(k) for k in ("part", "mode", "loss", "keep", "batch", "micro", "step_ms", "img_s",
-                                         "mfu", "peak_gib", "warmup_s", "status")}
+                                         "mfu", "peak_gib", "warmup_s", "loss_ms", "ranking_ms",
+                                         "ranking_chunked_ms", "status") if k in row}
         print(json.dumps(shown), flush=True)
         if self.args.json:  # rewrite after every row: a run stopped by a time limit still leaves its results
             self.save()
@@ -185,8 +241,10 @@ class Bench:
                     preset=self.args.preset, amp=self.args.amp, cmli_impls=sorted(cmli.IMPLEMENTATIONS),
                     select_tokens=hasattr(cmli, "select_tokens"), peak_tflops=PEAK_BF16_FLOPS / 1e12,
                     elapsed_s=round(time.perf_counter() - self.t0, 1))
-        with open(self.args.json, "w") as f:
+        tmp = self.args.json + ".tmp"  # atomic: a reader (or a killed run) never leaves half a file
+        with open(tmp, "w") as f:
             json.dump(dict(meta=meta, rows=self.rows, summary=summary or {}), f, indent=1)
+        os.replace(tmp, self.args.json)
 
 
 # ---------------------------------------------------------------------------------------- correctness on device
@@ -249,6 +307,39 @@ def run_suite(bench: Bench, compiled: bool, plain_batch: dict) -> dict:
     return res
 
 
+LOSS_VARIANTS = (("clip", 1.0), ("filip", 1.0), ("filip", None))  # None: --keep-ratio
+
+
+def run_loss_rows(bench: Bench, compiled: bool) -> dict:
+    """(e): CLIP, FILIP, FILIP + selection at each --loss-batches size: step, loss alone, ranking alone."""
+    a = bench.args
+    res = {}
+    for batch in a.loss_batches:
+        for loss, keep in LOSS_VARIANTS:
+            keep = a.keep_ratio if keep is None else keep
+            name = f"{loss}{'' if keep == 1.0 else f'_keep{keep:g}'}_{batch}"
+            res[name] = bench.measure("e", loss, batch, keep=keep, compiled=compiled, loss_alone=True)
+        clip, filip = res[f"clip_{batch}"], res[f"filip_{batch}"]
+        sel = res[f"filip_keep{a.keep_ratio:g}_{batch}"]
+        res[f"ratios_{batch}"] = dict(filip_over_clip=ratio(filip, clip), selection_over_clip=ratio(sel, clip),
+                                      selection_over_filip=ratio(sel, filip),
+                                      selection_loss_over_filip_loss=ratio(sel, filip, "loss_ms"))
+    return res
+
+
+def loss_markdown(rows: list[dict]) -> str:
+    head = ("| mode | loss | keep | batch | step ms | loss alone ms | ranking ms (auto) | ranking ms (chunked) "
+            "| status |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        if r["part"] != "e":
+            continue
+        cells = [r["mode"], r["loss"], r["keep"], r["batch"], r.get("step_ms", ""), r.get("loss_ms", ""),
+                 r.get("ranking_ms", ""), r.get("ranking_chunked_ms", ""), r["status"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def ratio(slow, fast, key="step_ms"):
     if slow and fast and slow.get("status") == "ok" and fast.get("status") == "ok":
         return round(slow[key] / fast[key], 3)
@@ -267,7 +358,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="benchmarks/bench_train.py", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (small preset, 224 px) or cpu (tiny preset, small batches)")
     p.add_argument("--preset", default=None, help="model preset (default: small on cuda, tiny on cpu)")
@@ -279,7 +371,12 @@ def main(argv=None):
     p.add_argument("--big-batch", type=int, default=None, help="contrastive batch for (c) (default 4096)")
     p.add_argument("--compare-batch", type=int, default=None, help="batch for (d) (default 1024)")
     p.add_argument("--anchor-batch", type=int, default=None, help="batch of the CLIP anchor row (default 512)")
-    p.add_argument("--keep-ratio", type=float, default=0.25, help="token selection ratio for (d)")
+    p.add_argument("--keep-ratio", type=float, default=0.25, help="token selection ratio for (d) and (e)")
+    p.add_argument("--loss-rows", action="store_true", help="add part (e): CLIP / FILIP / FILIP + selection "
+                   "step, loss alone and ranking alone at --loss-batches")
+    p.add_argument("--loss-batches", default=None, help="comma list for (e) (default 1024,2048; cpu 8,16)")
+    p.add_argument("--only-loss-rows", action="store_true", help="run part (e) only (implies --loss-rows)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--amp", choices=["bf16", "none"], default=None, help="autocast (default bf16 on cuda)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default 3 cuda, 2 cpu)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5 cuda, 1 cpu)")
@@ -299,6 +396,10 @@ def main(argv=None):
     a.warmup = a.warmup or (2 if cpu else 3)
     a.steps = a.steps or (1 if cpu else 5)
     a.losses = a.losses.split(",")
+    a.loss_rows = a.loss_rows or a.only_loss_rows
+    a.loss_batches = [int(b) for b in (a.loss_batches or ("8,16" if cpu else "1024,2048")).split(",")]
+    if a.json and os.path.exists(a.json) and not a.overwrite:
+        p.error(f"--json {a.json} exists; pass --overwrite to replace it")
     if not cpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -309,10 +410,17 @@ def main(argv=None):
           f"select_tokens {'yes' if hasattr(cmli, 'select_tokens') else 'NO (d runs with keep 1.0)'}", flush=True)
     check = device_check(bench.device) if a.check else None
     plain_batch: dict = {}
-    eager = run_suite(bench, False, plain_batch)
-    compiled = run_suite(bench, True, plain_batch) if a.compile else {}
+    eager = {} if a.only_loss_rows else run_suite(bench, False, plain_batch)
+    compiled = run_suite(bench, True, plain_batch) if a.compile and not a.only_loss_rows else {}
+    loss_rows = {}
+    if a.loss_rows:
+        loss_rows["eager"] = run_loss_rows(bench, False)
+        if a.compile:
+            loss_rows["compiled"] = run_loss_rows(bench, True)
 
     summary = {"device_check": check} if check else {}
+    for mode, res in loss_rows.items():
+        summary.setdefault("loss_rows", {})[mode] = {k: v for k, v in res.items() if k.startswith("ratios_")}
     for mode, res in (("eager", eager), ("compiled", compiled)):
         if not res:
             continue
@@ -326,6 +434,9 @@ def main(argv=None):
         summary["compile_speedup_anchor"] = ratio(eager.get("anchor"), compiled.get("anchor"))
     print()
     print(markdown(bench.rows))
+    if loss_rows:
+        print()
+        print(loss_markdown(bench.rows))
     print()
     print(json.dumps(summary, indent=1))
     if a.json:

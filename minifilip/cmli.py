@@ -25,7 +25,7 @@ from fractions import Fraction
 import torch
 from einops import einsum, rearrange
 
-from .kernels import load_triton
+from .kernels import load_ranking_triton, load_triton
 from .kernels.cmli_chunked import DEFAULT_MAX_CHUNK_BYTES, acc_dtype, late_interaction_chunked
 
 HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernel takes
@@ -134,12 +134,23 @@ def late_interaction(image_tokens: torch.Tensor, image_mask: torch.Tensor | None
 # ------------------------------------------------------------------------------------------- token selection
 @torch.no_grad()
 def token_max_similarity(image_tokens: torch.Tensor, image_mask: torch.Tensor, text_tokens: torch.Tensor,
-                         text_mask: torch.Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES):
+                         text_mask: torch.Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                         impl: str = "auto"):
     """Each valid patch's max similarity over all valid tokens of all texts, and each valid token's max over all
-    valid patches of all images: row and column maxima of the flat (B*N, B*M) score matrix, in row chunks.
+    valid patches of all images: row and column maxima of the flat (B*N, B*M) score matrix.
 
-    Returns (patch_score (I, N), token_score (T, M)) float32, -inf at padding.
+    impl: "chunked" (PyTorch, row chunks of at most max_chunk_bytes), "triton" (one fused kernel that never writes
+    the scores: minifilip/kernels/ranking_triton.py) or "auto" (triton on CUDA when available, like
+    `late_interaction`). Returns (patch_score (I, N), token_score (T, M)) float32, -inf at padding.
     """
+    if impl == "auto":
+        fused_ok = (image_tokens.device.type == "cuda" and image_tokens.dtype == text_tokens.dtype
+                    and image_tokens.dtype in HALF_OR_FLOAT)
+        impl = "triton" if fused_ok and _ranking_usable(image_tokens.device) else "chunked"
+    if impl == "triton":
+        return _token_max_similarity_triton(image_tokens, image_mask, text_tokens, text_mask)
+    if impl != "chunked":
+        raise ValueError(f"unknown ranking impl {impl!r}; choose from ['auto', 'chunked', 'triton']")
     I, N, D = image_tokens.shape
     T, M, _ = text_tokens.shape
     v = rearrange(image_tokens, "i n d -> (i n) d")
@@ -161,6 +172,22 @@ def token_max_similarity(image_tokens: torch.Tensor, image_mask: torch.Tensor, t
     patch_score.masked_fill_(~v_ok, neg_inf)
     token_score.masked_fill_(~w_ok, neg_inf)
     return patch_score.view(I, N), token_score.view(T, M)
+
+
+def _ranking_usable(device: torch.device) -> bool:
+    ranking = load_ranking_triton()
+    return ranking is not None and (device.type == "cuda" or ranking.INTERPRET)
+
+
+def _token_max_similarity_triton(image_tokens, image_mask, text_tokens, text_mask):
+    """token_max_similarity through the fused kernel (minifilip/kernels/ranking_triton.py)."""
+    if not _ranking_usable(image_tokens.device):
+        raise ValueError("impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 before importing "
+                         "triton); use impl='chunked'")
+    if image_tokens.dtype != text_tokens.dtype or image_tokens.dtype not in HALF_OR_FLOAT:
+        raise ValueError(f"impl='triton' takes float32/float16/bfloat16 inputs of one dtype, got "
+                         f"{image_tokens.dtype} and {text_tokens.dtype}")
+    return load_ranking_triton().token_max_similarity(image_tokens, image_mask, text_tokens, text_mask)
 
 
 def keep_count(n_valid: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -187,7 +214,8 @@ def _keep_top(tokens: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, rat
 
 
 def select_tokens(image_tokens: torch.Tensor, image_mask: torch.Tensor | None, text_tokens: torch.Tensor,
-                  text_mask: torch.Tensor, ratio: float = 0.25, text_ratio: float | None = None):
+                  text_mask: torch.Tensor, ratio: float = 0.25, text_ratio: float | None = None,
+                  impl: str = "auto"):
     """FILIP token selection: keep each image's and each text's most informative tokens before CMLI.
 
     A patch's rank is its max similarity over all valid tokens of all texts in the batch; a token's rank is its max
@@ -195,7 +223,8 @@ def select_tokens(image_tokens: torch.Tensor, image_mask: torch.Tensor | None, t
     ceil(ratio * its valid tokens) tokens (>= 1). The ranking runs under no_grad; gradients flow through the
     gathered embeddings. Returns (image_tokens, image_mask, text_tokens, text_mask), padded to the largest kept
     count with False in the masks; ratio == 1.0 returns the inputs unchanged. `text_ratio` (default: `ratio`) is
-    the texts' own fraction; 1.0 keeps every text token (selection on the patches only).
+    the texts' own fraction; 1.0 keeps every text token (selection on the patches only). `impl` picks the
+    ranking's implementation (`token_max_similarity`: "auto" = the fused Triton kernel on CUDA, else chunked).
     """
     text_ratio = ratio if text_ratio is None else text_ratio
     for name, r in (("ratio", ratio), ("text_ratio", text_ratio)):
@@ -204,7 +233,7 @@ def select_tokens(image_tokens: torch.Tensor, image_mask: torch.Tensor | None, t
     if ratio == 1.0 and text_ratio == 1.0:
         return image_tokens, image_mask, text_tokens, text_mask
     image_mask, text_mask = check_inputs(image_tokens, image_mask, text_tokens, text_mask)
-    patch_score, token_score = token_max_similarity(image_tokens, image_mask, text_tokens, text_mask)
+    patch_score, token_score = token_max_similarity(image_tokens, image_mask, text_tokens, text_mask, impl=impl)
     img, img_mask = (image_tokens, image_mask) if ratio == 1.0 else _keep_top(image_tokens, patch_score,
                                                                               image_mask, ratio)
     txt, txt_mask = (text_tokens, text_mask) if text_ratio == 1.0 else _keep_top(text_tokens, token_score,

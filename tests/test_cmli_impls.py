@@ -204,25 +204,86 @@ TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-def skip_untested_kernel(why: str):
+def skip_untested_kernel(why: str, kernel: str = "the fused Triton CMLI kernel"):
     """Skip the kernel test, loudly: a plain `pytest -q` hides skip reasons (they need -rs) but prints warnings, so
     warn first. With MINIFILIP_REQUIRE_TRITON=1 (set by CI, which installs Triton) a missing Triton fails instead."""
-    message = f"the fused Triton CMLI kernel was NOT tested: {why}"
+    message = f"{kernel} was NOT tested: {why}"
     if os.environ.get("MINIFILIP_REQUIRE_TRITON") == "1":
         pytest.fail(message + " (MINIFILIP_REQUIRE_TRITON=1)")
     warnings.warn(message, UserWarning)
     pytest.skip(message)
 
 
-def test_triton_kernel_in_interpreter():
+def run_in_interpreter(script: str, kernel: str = "the fused Triton CMLI kernel", timeout: int = 300):
+    """Run `script` in a fresh Python with TRITON_INTERPRET=1 (Triton's CPU interpreter); it must exit 0."""
     if importlib.util.find_spec("triton") is None:
-        skip_untested_kernel("Triton is not installed (it comes with torch's Linux wheels; see requirements.txt)")
+        skip_untested_kernel("Triton is not installed (it comes with torch's Linux wheels; see requirements.txt)",
+                             kernel)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
     if proc.returncode != 0 and "No module named 'triton'" in proc.stderr:
-        skip_untested_kernel("Triton cannot be imported")
+        skip_untested_kernel("Triton cannot be imported", kernel)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc
+
+
+def test_triton_kernel_in_interpreter():
+    run_in_interpreter(TRITON_SCRIPT)
+
+
+TIES_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from minifilip.cmli import late_interaction
+    from minifilip.kernels import cmli_triton
+    from minifilip.kernels.cmli_chunked import _chunk_maxima
+    from tests.test_cmli_impls import scores_and_grads, rel_err
+    assert cmli_triton.INTERPRET
+    for cfg in cmli_triton.CONFIG.values():  # several row chunks + a tail, several text blocks
+        cfg.update({k: 16 for k in ("BLOCK_N", "BLOCK_D", "BLOCK_DV", "BLOCK_DW") if k in cfg}, BT=2)
+    I, T, N, M, D = 3, 4, 37, 6, 8
+    g = torch.Generator().manual_seed(0)
+    # entries in {-1, 0, 1} / 2: every product and sum is exact in fp32 in any order, so equal scores are
+    # bit-equal and ties are everywhere (within a text, and across the forward's row chunks)
+    v = (torch.randint(-1, 2, (I, N, D), generator=g) / 2).float()
+    w = (torch.randint(-1, 2, (T, M, D), generator=g) / 2).float()
+    v[:, 20:] = v[:, :N - 20]  # duplicated patches: ties across row chunks too
+    tm = torch.rand(T, M, generator=g) < 0.7
+    tm[:, 1] = True
+    im = torch.rand(I, N, generator=g) < 0.8
+    im[:, 0] = True
+    s = torch.einsum("ind,tmd->itnm", v.double(), w.double())
+    s_tok = s.masked_fill(~tm[None, :, None, :], -float("inf"))
+    s_pat = s.masked_fill(~im[:, None, :, None], -float("inf"))
+    pos_m, pos_n = torch.arange(M), torch.arange(N)[:, None]
+    # lowest index holding the max, spelled out
+    low_tok = torch.where(s_tok == s_tok.amax(3, keepdim=True), pos_m, M).amin(3)  # (I, T, N)
+    low_pat = torch.where(s_pat == s_pat.amax(2, keepdim=True), pos_n, N).amin(2)  # (I, T, M)
+    n_ties = int(((s_tok == s_tok.amax(3, keepdim=True)).sum(3) > 1).sum())
+    assert n_ties > 50, n_ties  # the inputs really are tied
+    ok_n, ok_m = im[:, None, :].expand(I, T, N), tm[None].expand(I, T, M)
+    _, arg_tok, _, arg_pat = _chunk_maxima(v, im, w, tm)
+    assert torch.equal(arg_tok[ok_n], low_tok[ok_n]) and torch.equal(arg_pat[ok_m], low_pat[ok_m]), "chunked"
+    vv, ww = v.requires_grad_(), w.requires_grad_()
+    chunked = scores_and_grads(vv, ww, tm, im, "chunked")
+    for argmax in (0, 1, 2):
+        cmli_triton.CONFIG["fwd"]["ARGMAX"] = argmax
+        i2t, t2i, idx_i2t, idx_t2i, _, _ = cmli_triton.cmli_forward(v.detach(), w.detach(), im.to(torch.int8),
+                                                                    tm.to(torch.int8))
+        assert torch.equal(idx_i2t.long()[ok_n], low_tok[ok_n]), ("idx_i2t", argmax)
+        assert torch.equal(idx_t2i.long()[ok_m], low_pat[ok_m]), ("idx_t2i", argmax)
+        # gradients routed through the same (lowest) arg-maxes as chunked's: equal up to summation order
+        errs = [rel_err(o, r) for o, r in zip(scores_and_grads(vv, ww, tm, im, "triton"), chunked)]
+        print("ARGMAX", argmax, errs)
+        assert max(errs) <= 1e-6, (argmax, errs)
+""")
+
+
+def test_triton_ties_break_to_lowest_index():
+    """Every max / arg-max of the fused forward (each ARGMAX variant) picks the lowest index among exact ties, as
+    the chunked version's torch.max does: selection-free gradients are then the same, run after run."""
+    run_in_interpreter(TIES_SCRIPT)
 
 
 def test_triton_on_cpu_without_interpreter_is_refused():

@@ -3,6 +3,8 @@
 - `cmli_chunked`: plain PyTorch, bounded memory, custom arg-max backward (the CPU default).
 - `cmli_triton`: one fused Triton kernel per pass (the CUDA default). Optional: `load_triton()` imports it on first
   use and returns None where Triton is missing, so importing minifilip never imports Triton.
+- `ranking_triton`: token selection's ranking (row and column maxima of the flat score matrix) in one Triton kernel,
+  behind `cmli.token_max_similarity(impl=...)`; loaded the same way by `load_ranking_triton()`.
 """
 from __future__ import annotations
 
@@ -17,3 +19,13 @@ def load_triton():
     except ImportError:  # pragma: no cover - depends on the install
         return None
     return cmli_triton
+
+
+@functools.cache
+def load_ranking_triton():
+    """The `ranking_triton` module, or None when Triton cannot be imported."""
+    try:
+        from . import ranking_triton
+    except ImportError:  # pragma: no cover - depends on the install
+        return None
+    return ranking_triton

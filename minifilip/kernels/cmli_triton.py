@@ -34,9 +34,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tile sizes; tuned on an H100 for N=196, M=32, D=256 bf16 (see benchmarks/RESULTS.md). Any values work:
 # BLOCK_N and BT * MP must be >= 16 (tensor-core minimum) and powers of two. Optional knobs, off by default
-# until timed on a GPU (benchmarks/bench_cmli.py --tune lists them): fwd ARGMAX=1 (each arg-max as two plain
-# reductions, max then first index holding it, instead of tl.max(return_indices=True)); bwd_w SPLIT_I=k (the
-# images split over k programs per text block, which add into an fp32 dW with atomics: k times more programs).
+# until timed on a GPU (benchmarks/bench_cmli.py --tune lists them, --fwd/--bwd-w set them): fwd ARGMAX=1 (each
+# arg-max as two plain reductions, max then first index holding it, instead of tl.max(return_indices=True));
+# fwd ARGMAX=2 (each arg-max as ONE integer max over a packed int64 key: order-preserving int32 encoding of the
+# fp32 score in the high half, (last index - index) in the low half, so the largest key is the best score at its
+# lowest index; exact, no truncated score bits); bwd_w SPLIT_I=k (the images split over k programs per text block,
+# which add into an fp32 dW with atomics: k times more programs, but fp32 atomic adds land in no fixed order, so
+# dW is then not bit-reproducible run to run). Ties: every variant picks the lowest index (tl.max's
+# return_indices breaks ties to the left; across row chunks a later chunk must be strictly better),
+# tested in tests/test_cmli_impls.py::test_triton_ties_break_to_lowest_index.
 CONFIG = {
     "fwd": dict(BLOCK_N=64, BT=8, BLOCK_D=64, num_warps=8, num_stages=3),
     "bwd_v": dict(BLOCK_N=64, BT=2, BLOCK_DV=256, num_warps=4, num_stages=3),
@@ -62,6 +68,20 @@ def _chunks(n: int, block: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------- forward
 @triton.jit
+def _packed_argmax(s, idx, LAST: tl.constexpr, axis: tl.constexpr):
+    """(max, lowest index holding it) of fp32 s along axis as one int64 max: key = enc(s) << 32 | (LAST - idx).
+    enc flips the magnitude bits of negative floats, so signed-int order = float order (-inf lowest)."""
+    bits = s.to(tl.int32, bitcast=True)
+    enc = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.max((enc.to(tl.int64) << 32) | (LAST - idx).to(tl.int64), axis=axis)
+    hi = key >> 32  # arithmetic shift: the encoded score, sign kept
+    lo = key - (hi << 32)
+    hi32 = hi.to(tl.int32)
+    best = (hi32 ^ ((hi32 >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # the encoding is an involution
+    return best, LAST - lo.to(tl.int32)
+
+
+@triton.jit
 def _fwd_chunk(V, IMASK, IDX_I2T, i, n0, N, T, jrow, wrow, cols_ok, tvalid,
                W, best_col, arg_col, sum_i2t,
                R: tl.constexpr, BT: tl.constexpr, MP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -84,10 +104,12 @@ def _fwd_chunk(V, IMASK, IDX_I2T, i, n0, N, T, jrow, wrow, cols_ok, tvalid,
     s3 = tl.reshape(s, (R, BT, MP))
     if ARGMAX == 0:
         best_tok, arg_tok = tl.max(s3, axis=2, return_indices=True)  # (R, BT)
-    else:  # two plain reductions: the max, then the first index that holds it
+    elif ARGMAX == 1:  # two plain reductions: the max, then the first index that holds it
         best_tok = tl.max(s3, axis=2)
         tok = tl.arange(0, MP)[None, None, :]
         arg_tok = tl.min(tl.where(s3 == best_tok[:, :, None], tok, MP), axis=2)
+    else:  # one integer max over packed (score, index) keys
+        best_tok, arg_tok = _packed_argmax(s3, tl.arange(0, MP)[None, None, :], MP - 1, 2)
     idx_ptr = IDX_I2T + (i * T + jrow[None, :]).to(tl.int64) * N + rows[:, None]
     tl.store(idx_ptr, arg_tok.to(IDX_I2T.dtype.element_ty), mask=rows_ok[:, None] & (jrow < T)[None, :])
     sum_i2t += tl.sum(tl.where(ivalid[:, None], best_tok, 0.0), axis=0)  # (BT,) padding patches add nothing
@@ -96,9 +118,11 @@ def _fwd_chunk(V, IMASK, IDX_I2T, i, n0, N, T, jrow, wrow, cols_ok, tvalid,
     s = tl.where(ivalid[:, None], acc, float("-inf"))
     if ARGMAX == 0:
         best, arg = tl.max(s, axis=0, return_indices=True)  # (BT*MP,)
-    else:
+    elif ARGMAX == 1:
         best = tl.max(s, axis=0)
         arg = tl.min(tl.where(s == best[None, :], tl.arange(0, R)[:, None], R), axis=0)
+    else:
+        best, arg = _packed_argmax(s, tl.arange(0, R)[:, None], R - 1, 0)
     better = best > best_col
     best_col = tl.where(better, best, best_col)
     arg_col = tl.where(better, arg + n0, arg_col)
