@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "text_special_tokens=true (repeatable; see minifilip/config.py)")
     p.add_argument("--caption-style", default="color-first", choices=list(CAPTION_STYLES),
                    help="built-in data: how captions name an object ('a red circle', 'a circle in red', "
-                        "'a circle', or colour-/shape-first drawn per mention)")
+                        "'a circle', or colour-/shape-first drawn per mention); '+background' also names the "
+                        "background's texture ('... on a checkered background.')")
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>); a folder that already "
                    "holds a run is refused unless --resume or --overwrite")
     p.add_argument("--overwrite", action="store_true",
