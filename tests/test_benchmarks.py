@@ -62,3 +62,17 @@ def test_gpu_script_parses():
         pytest.skip("no bash")
     proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_issue17.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_probe_shapes_smoke(tmp_path):
+    """The supervised shape/colour probe (issue 12) trains, scores its val set and writes its JSON once."""
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, "benchmarks/probe_shapes.py", "--task", "color", "--steps", "3", "--batch-size", "4",
+           "--n-val", "6", "--eval-every", "2", "--object-scale", "1.5", "--quiet", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert [row["step"] for row in r["rows"]] == [2, 3] and r["chance"] == pytest.approx(1 / 6)
+    assert all(0.0 <= row["val_acc"] <= 1.0 for row in r["rows"]) and r["object_scale"] == 1.5
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr
