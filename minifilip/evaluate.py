@@ -33,6 +33,7 @@ from . import grounding_metrics, pointing, zeroshot
 from .checkpoint import load_model
 from .cli import DefaultsHelpFormatter, Parser, one_line, parse_device
 from .data.builtin import builtin_val_pairs, find_val_scenes
+from .data.grounded import CAPTION_STYLES
 from .runs import check_output_file, check_output_folder
 from .metrics import retrieval_metrics
 
@@ -94,8 +95,8 @@ def evaluate_checkpoint(path: str, name: str, args) -> dict:
     cfg = model.config
     row = {"checkpoint": path, "name": name, "loss": cfg.loss, "token_keep_ratio": cfg.token_keep_ratio,
            "step": ckpt.get("step"), "data": args.data, "retrieval_rule": RETRIEVAL_RULE}
-    if args.data == "builtin":  # held-out captions in the style the model was trained on
-        style = (ckpt.get("args") or {}).get("caption_style", "color-first")
+    if args.data == "builtin":  # held-out captions in the style the model was trained on, unless asked otherwise
+        style = getattr(args, "caption_style", None) or (ckpt.get("args") or {}).get("caption_style", "color-first")
         images, captions, scenes = builtin_val_pairs(args.n, cfg.image_size, caption_style=style)
         row["caption_style"] = style
     else:
@@ -204,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "source: a TSV list (columns filepath, title), tar shards, an img2dataset folder (retrieval only; "
                    "pointing needs the built-in ground truth)")
     p.add_argument("--n", type=int, default=1000, help="retrieval pairs / pointing-game scenes")
+    p.add_argument("--caption-style", default=None, choices=list(CAPTION_STYLES),
+                   help="built-in data: the held-out captions' style (default: the one the checkpoint was trained "
+                        "on); e.g. shape-first puts every shape word before its colour word, so a causal text "
+                        "tower cannot lend the colour to the shape word")
     p.add_argument("--n-zeroshot", type=int, default=300, help="single-object val scenes per zero-shot task")
     p.add_argument("--zeroshot-dir", default=None, help="ImageFolder-style directory (one sub-folder per class) "
                    "for zero-shot instead of the built-in shape/colour tasks")
@@ -239,6 +244,8 @@ def main(argv=None) -> int:
     try:
         if args.n < 2 or args.n_zeroshot < 1 or args.batch_size < 1:
             raise ValueError("--n must be >= 2, --n-zeroshot and --batch-size >= 1")
+        if args.caption_style and args.data != "builtin":
+            raise ValueError("--caption-style applies to the built-in data only (--data builtin)")
         parse_device(args.device)
         if args.json:  # checked before the work: a bad path must not cost the whole evaluation
             check_output_file(args.json, "--json")

@@ -170,3 +170,12 @@ def test_builtin_captions_follow_the_checkpoints_caption_style(tmp_path, monkeyp
         assert row["caption_style"] == (style or "color-first")
         assert all(c.endswith(suffix) for c in seen["captions"])
         assert any(c.endswith(" background.") for c in seen["captions"]) == bool(style)
+    args.caption_style = "shape-first"  # asked for: overrides the checkpoint's style
+    assert evaluate.evaluate_checkpoint(str(path), "m", args)["caption_style"] == "shape-first"
+    assert all(" in " in c for c in seen["captions"])
+
+
+def test_caption_style_needs_builtin_data(tiny_checkpoint, capsys):
+    err = one_line_error(["--checkpoint", tiny_checkpoint, "--data", "x.tsv", "--caption-style", "shape-first"],
+                         capsys)
+    assert "--caption-style applies to the built-in data only" in err
