@@ -97,10 +97,10 @@ def run(args) -> dict:
                 with torch.no_grad():
                     acc = float((model(val[0], val[2]).argmax(1) == val[1]).float().mean())
                 model.train()
-                rows.append({"step": step, "train_loss": float(loss), "val_acc": acc,
+                rows.append({"step": step, "train_loss": loss.item(), "val_acc": acc,
                              "seconds": round(time.time() - t0, 1)})
                 if not args.quiet:
-                    tqdm.write(f"step {step}: loss {float(loss):.3f}, val accuracy {acc:.3f}")
+                    tqdm.write(f"step {step}: loss {loss.item():.3f}, val accuracy {acc:.3f}")
     finally:
         grounded.SIZES.update(base)
     return {"task": args.task, "chance": 1.0 / len(CLASSES[args.task]), "lr": args.lr, "warmup": args.warmup,
