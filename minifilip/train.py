@@ -553,7 +553,9 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
             window_start, window_images, window_wait = time.time(), 0, 0.0
         # ---- held-out alignment every --eval-every steps (metrics.jsonl, alignment.png, best.pt)
         if tracker is not None and (progress.step % args.eval_every == 0 or progress.step == args.steps):
+            t_eval = time.time()
             track_alignment(run, model, tracker, progress)
+            window_start += time.time() - t_eval  # evaluating is not training: keep it out of img/s and the wait
         # ---- checkpoint every --save-every steps and where this invocation stops
         if progress.step % args.save_every == 0 or progress.step == stop:
             save_run(run, model, optimizer, progress, data)
