@@ -89,9 +89,10 @@ def open_stream(spec: str, transform, *, csv: CsvOptions | None = None, shuffle_
 
 
 def train_stream(spec: str, image_size: int, seed: int = 0, start_epoch: int = 0, autoaugment: bool = True,
-                 **kwargs) -> SampleStream:
-    """The training stream: shuffled, random crops + AutoAugment, forever from `start_epoch`."""
-    return open_stream(spec, train_transform(image_size, autoaugment), shuffle=True, seed=seed,
+                 uint8: bool = False, **kwargs) -> SampleStream:
+    """The training stream: shuffled, random crops + AutoAugment, forever from `start_epoch`. uint8: images come
+    as uint8 tensors, for transforms.normalize_uint8 on the device (train.py does this)."""
+    return open_stream(spec, train_transform(image_size, autoaugment, uint8=uint8), shuffle=True, seed=seed,
                        start_epoch=start_epoch, min_side=image_size, draft_side=draft_side_for(image_size, True),
                        **kwargs)
 
