@@ -119,3 +119,23 @@ def test_checkpoint_without_position_resumes_from_the_epoch_start(tmp_path, caps
     assert main(["--resume", out]) == 0
     assert "restarting epoch 0 from its beginning" in capsys.readouterr().out
     assert torch.load(path, weights_only=True)["step"] == 4
+
+
+def test_resume_at_any_sample_of_dirty_shards_counts_every_bad_sample_once(tmp_path):
+    """Cut-off tars, broken JPEGs, converted images: stopped after any sample and resumed, the keys and the bad /
+    converted counts add up to the uninterrupted stream's, nothing twice, nothing lost."""
+    from test_data_shards import MAX_PIXELS, SIZE, build_dirty
+    spec = build_dirty(tmp_path)
+
+    def stream(resume=None):
+        s = train_stream(spec, SIZE, seed=0, shuffle_buffer=3, epochs=1, max_pixels=MAX_PIXELS, autoaugment=False)
+        s.track_positions, s.resume_positions = True, resume or {}
+        return [(k, d, p) for _x, _c, k, d, p in s]
+
+    whole = stream()
+    total = sum((Counter(d) for _k, d, _p in whole), Counter())
+    for cut in range(1, len(whole)):
+        _slot, _n, epoch, index = whole[cut - 1][2]
+        rest = stream({0: (epoch, index)})
+        assert [k for k, _d, _p in whole[:cut] + rest] == [k for k, _d, _p in whole]
+        assert sum((Counter(d) for _k, d, _p in whole[:cut] + rest), Counter()) == total, cut

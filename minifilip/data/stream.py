@@ -89,32 +89,41 @@ class SampleStream(IterableDataset):
         slot, n_slots = self._slot()
         pending: Counter = Counter()  # bad / converted samples not yet reported
         held = None  # the last good sample, yielded one step late so it can carry the counts that follow it
+        last = None  # the resume point after the last good sample (for the final report)
         first, skip = self.resume_positions.get(slot, (self.start_epoch, 0))  # resume: replay `skip` raw samples
         epochs = itertools.count(first) if self.epochs is None else range(first, self.start_epoch + self.epochs)
         try:
             for epoch in epochs:
                 mine = self.epoch_units(epoch)[slot::n_slots]
                 rng = _seeded(self.seed, "samples", epoch, slot)  # the raw order (shuffle buffer) only
-                good = 0
-                for index, (key, image, blobs) in enumerate(self.raw_samples(mine, rng, pending)):
-                    if index < skip:  # seen before the checkpoint: not decoded, not counted again
+                good, reading = 0, Counter()  # reading: what the reader met (cut-off tars, ...) pulling a sample
+                for index, (key, image, blobs) in enumerate(self.raw_samples(mine, rng, reading)):
+                    if not skip or index > skip:
+                        pending.update(reading)
+                    reading.clear()  # else: met before the checkpoint, whose counts already hold it
+                    if index < skip:  # seen before the checkpoint: not decoded
                         continue
+                    own: Counter = Counter()  # this sample's conversions: reported with it, not with the held one
                     try:
-                        x, caption = self._sample(image, blobs, epoch, slot, index, pending)
+                        x, caption = self._sample(image, blobs, epoch, slot, index, own)
                     except BadSample as e:
+                        pending.update(own)
                         pending[e.reason] += 1
                         continue
                     good += 1
-                    if held is not None:
-                        yield self._report(held, pending)
-                    held = (x, caption, key, (slot, n_slots, epoch, index + 1))
+                    if held is not None:  # resume point of the held sample: this one (the bad ones between counted)
+                        yield self._report(held, pending, (slot, n_slots, epoch, index))
+                    pending.update(own)
+                    held = (x, caption, key)
+                    last = (slot, n_slots, epoch, index + 1)
+                pending.update(reading)
                 if good == 0 and skip == 0:
                     # nothing usable in my share (or no share at all, e.g. more workers than shards): stop here
                     # rather than loop over bad data forever; the other workers carry on
                     break
                 skip = 0
             if held is not None:  # the last sample takes every count still pending: none is lost
-                yield self._report(held, pending)
+                yield self._report(held, pending, last)
         finally:
             self.counts.update(pending)
 
@@ -132,12 +141,13 @@ class SampleStream(IterableDataset):
             torch.default_generator.manual_seed(rng.getrandbits(62))
             return self.transform(img), caption
 
-    def _report(self, held: tuple, pending: Counter) -> tuple:
+    def _report(self, held: tuple, pending: Counter, position: tuple) -> tuple:
+        """The held sample with the counts met since it; position: (slot, n_slots, epoch, raw index to resume
+        from), i.e. the first raw sample whose counts are not in this report."""
         delta = dict(pending)
         self.counts.update(pending)
         pending.clear()
-        x, caption, key, position = held
-        return (x, caption, key, delta, position) if self.track_positions else (x, caption, key, delta)
+        return (*held, delta, position) if self.track_positions else (*held, delta)
 
 
 def collate(batch: list[tuple]) -> tuple:
