@@ -21,8 +21,8 @@ What it does, in order, each stage timed (a failed stage is recorded as an error
 GPU plan (H200, 16 cores, defaults): writing 50k scenes at 224 px with 15 processes ~0.5 min (~4 ms per scene on
 one core, measured on this 2-core CPU); 2 synthetic rates ~1.5-2 min (torch.compile of each graph, 30-45 s on the
 H100 before); 2 training runs of --budget-s 60 s of steps + start-up (vocabulary, compile, evals, final eval)
-~4 min; loader sweep ~1 min: ~7.5 min in all. The plan is an estimate from CPU and H100 figures: the script prints each stage's
-wall time so the next run can be sized from measurement. No figure here is a GPU measurement until this runs.
+~4 min; loader sweep ~1 min: ~7.5 min in all. The plan is an estimate from CPU and H100 figures: the script
+prints each stage's wall time so the next run can be sized from measurement. No figure here is a GPU measurement until this runs.
 """
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def stage(result: dict, name: str, fn, *args, **kwargs):
         result[name] = {"seconds": round(time.perf_counter() - t0, 1), **(value or {})}
     except Exception as e:  # noqa: BLE001 - a failed stage must not cost the others' figures
         result[name] = {"seconds": round(time.perf_counter() - t0, 1), "error": f"{type(e).__name__}: {one_line(e)}"}
-    print(f"[rehearse] {name}: {result[name]['seconds']} s{'  ERROR ' + result[name]['error'] if 'error' in result[name] else ''}",
-          file=sys.stderr, flush=True)
+    error = f"  ERROR {result[name]['error']}" if "error" in result[name] else ""
+    print(f"[rehearse] {name}: {result[name]['seconds']} s{error}", file=sys.stderr, flush=True)
     return result[name]
 
 
@@ -293,8 +293,8 @@ def print_table(result: dict) -> None:
             continue
         v, a = r.get("final_val") or {}, r.get("final_alignment") or {}
         point = f"{fmt(a.get('val_pointing_acc'), '.3f')} ({fmt(a.get('val_pointing_chance'), '.3f')})"
-        print(f"| {loss} | {fmt(s.get('img_s'))} | {fmt(r.get('e2e_img_s'))} | {fmt(r.get('e2e_over_synthetic'), '.0%')}"
-              f" | {fmt(r.get('data_wait_frac'), '.0%')} | {fmt(r.get('peak_gpu_gib'), '.1f')} | "
+        print(f"| {loss} | {fmt(s.get('img_s'))} | {fmt(r.get('e2e_img_s'))} | "
+              f"{fmt(r.get('e2e_over_synthetic'), '.0%')} | {fmt(r.get('data_wait_frac'), '.0%')} | {fmt(r.get('peak_gpu_gib'), '.1f')} | "
               f"{fmt(r.get('gpu_util_mean_pct'))} | {fmt(v.get('i2t_R@1'), '.3f')} / {fmt(v.get('t2i_R@1'), '.3f')}"
               f" | {point} |")
     for name in ("sweep_256px", "sweep_128px"):

@@ -25,7 +25,8 @@ def one_thread():
 
 def keys_and_positions(stream, batches, workers=2, batch=3):
     keys, positions, last = [], {}, None
-    for b, (_x, _c, k, _counts, (slot, _n, epoch, consumed)) in zip(range(batches), make_loader(stream, batch, workers)):
+    loader = make_loader(stream, batch, workers)
+    for _b, (_x, _c, k, _counts, (slot, _n, epoch, consumed)) in zip(range(batches), loader):
         keys += k
         positions[slot], last = (epoch, consumed), slot
     return keys, positions, last

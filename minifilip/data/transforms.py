@@ -50,7 +50,8 @@ def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.float().div(255).sub(mean).div(std)
 
 
-def train_transform(image_size: int, autoaugment: bool = True, scale=TRAIN_CROP_SCALE, uint8: bool = False) -> T.Compose:
+def train_transform(image_size: int, autoaugment: bool = True, scale=TRAIN_CROP_SCALE,
+                    uint8: bool = False) -> T.Compose:
     """RandomResizedCrop + (optionally) AutoAugment with the ImageNet policy + normalisation (uint8: a uint8
     tensor instead, to be normalised on the device with normalize_uint8)."""
     steps = [T.RandomResizedCrop(image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)]
