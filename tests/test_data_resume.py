@@ -140,3 +140,12 @@ def test_resume_at_any_sample_of_dirty_shards_counts_every_bad_sample_once(tmp_p
         rest = stream({0: (epoch, index)})
         assert [k for k, _d, _p in whole[:cut] + rest] == [k for k, _d, _p in whole]
         assert sum((Counter(d) for _k, d, _p in whole[:cut] + rest), Counter()) == total, cut
+
+
+def test_other_worker_count_resumes_from_the_epoch_start(tmp_path, capsys, one_thread):
+    data = clean_shards(tmp_path / "d", n_shards=2, per_shard=6)
+    out = str(tmp_path / "run")
+    assert main(["--batch-size", "4", "--val-size", "4", "--warmup", "1", "--num-workers", "0", "--min-count", "1",
+                 "--steps", "3", "--stop-at", "1", "--train-data", data, "--out", out]) == 0
+    assert main(["--resume", out, "--num-workers", "2"]) == 0
+    assert "its loader position is for 1 slots, not 2" in capsys.readouterr().out
