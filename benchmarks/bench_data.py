@@ -9,7 +9,8 @@ into a temporary folder, then measures:
   * in one process, one thread: ms per image for JPEG decode alone, + the eval transform, + the training
     transform (RandomResizedCrop + AutoAugment + normalise) -- where the CPU time goes;
   * the real training pipeline (`train_stream` + `make_loader`: tar streaming, shuffle buffer, decode, augment,
-    collate) in images/s against the number of DataLoader workers;
+    uint8 tensors as train.py uses them (normalised later, on the device), collate) in images/s against the
+    number of DataLoader workers;
   * with CUDA: the training step rate of the `small` preset (synthetic batch on the GPU, bf16), i.e. how many
     images/s the loader must deliver; and a GPU JPEG decode path (torchvision.io.decode_jpeg on a list of
     encoded images, device="cuda", then a resize to the training size) for comparison. The GPU path is only
@@ -64,7 +65,8 @@ def per_image_ms(samples: list[bytes], size: int) -> dict:
     torch.set_num_threads(1)
     out = {}
     for name, tf, train in (("decode", None, True), ("decode+eval", eval_transform(size), False),
-                            ("decode+train", train_transform(size), True)):
+                            ("decode+train", train_transform(size), True),
+                            ("decode+train_uint8", train_transform(size, uint8=True), True)):
         t0 = time.perf_counter()
         for data in samples:
             img = decode_image(data, draft_side=draft_side_for(size, train))
@@ -77,7 +79,7 @@ def per_image_ms(samples: list[bytes], size: int) -> dict:
 
 def loader_rate(spec: str, size: int, workers: int, batch: int, batches: int) -> float:
     """Images/s of the training pipeline after its first batch (worker start-up excluded)."""
-    loader = make_loader(train_stream(spec, size, shuffle_buffer=200), batch, workers)
+    loader = make_loader(train_stream(spec, size, shuffle_buffer=200, uint8=True), batch, workers)  # as train.py
     it = iter(loader)
     next(it)
     t0 = time.perf_counter()
@@ -180,7 +182,8 @@ def main(argv=None) -> int:
     print(f"\n{result['device']}, {cores} cores, torch {result['torch']}; {n_images} synthetic JPEGs of "
           f"{args.src_size} px (mean {result['mean_jpeg_kb']:.1f} KB) -> {args.size} px crops, batch {batch}")
     print(f"one thread, in process: decode {ms['decode']:.2f} ms/img, + eval transform {ms['decode+eval']:.2f}, "
-          f"+ train transform (RandomResizedCrop + AutoAugment) {ms['decode+train']:.2f}\n")
+          f"+ train transform (RandomResizedCrop + AutoAugment) {ms['decode+train']:.2f}, the same with uint8 "
+          f"out (normalised on the device, as train.py does) {ms['decode+train_uint8']:.2f}\n")
     need = result["gpu_step_img_s"]
     print("| workers | loader img/s | img/s per worker | keeps up with `small` training? |\n|---|---|---|---|")
     for r in rows:

@@ -11,8 +11,9 @@ FILIP trains for.
     retrieval   R@1/5/10 both ways over n pairs (built-in val split, or any minifilip.data source). Identical captions count as the same answer, ties pessimistic.
     zero-shot   built-in single-object val scenes, classes = the 6 shapes and the 6 colours; prompt ensemble over
                 templates, averaging similarities (FILIP, "sim") or averaging embeddings (CLIP-style, "emb").
-    pointing    built-in val scenes: does each colour/shape word's top patch overlap its object? (+ chance level
-                and a centre baseline that always points at the image centre)
+    pointing    built-in val scenes (or shards with groundings, see make_subset --src builtin): does each
+                colour/shape word's top patch overlap its object? (+ chance level and a centre baseline that always
+                points at the image centre)
     segmentation  built-in val scenes: each patch takes the colour (shape) word most similar to it; mean IoU
     binding     built-in two-object val scenes: true caption vs the same caption with the colours swapped
 
@@ -34,6 +35,8 @@ from .checkpoint import load_model
 from .cli import DefaultsHelpFormatter, Parser, one_line, parse_device
 from .data.builtin import builtin_val_pairs, find_val_scenes
 from .data.grounded import CAPTION_STYLES
+from .data.grounded_shards import has_groundings, read_scenes
+from .data.transforms import images_to_tensor
 from .runs import check_output_file, check_output_folder
 from .metrics import retrieval_metrics
 
@@ -74,6 +77,14 @@ def source_pairs(spec: str, n: int, image_size: int):
     return images, captions, bad
 
 
+def shard_scene_pairs(spec: str, n: int, image_size: int):
+    """(images, first captions, scenes) of the first n grounded samples of shards (grounded_shards.py)."""
+    _keys, scenes, skipped = read_scenes(spec, n, image_size)
+    if skipped:
+        print(f"{spec}: skipped {skipped} samples without groundings", file=sys.stderr)
+    return images_to_tensor([sc.image for sc in scenes]), [sc.captions[0] for sc in scenes], scenes
+
+
 def write_figures(model, tokenizer, name: str, folder: str) -> list[str]:
     """Fig. 4 view + heatmaps for the fixed val scenes; grounded words (colour, shape) highlighted."""
     from . import visualize
@@ -99,6 +110,9 @@ def evaluate_checkpoint(path: str, name: str, args) -> dict:
         style = getattr(args, "caption_style", None) or (ckpt.get("args") or {}).get("caption_style", "color-first")
         images, captions, scenes = builtin_val_pairs(args.n, cfg.image_size, caption_style=style)
         row["caption_style"] = style
+    elif has_groundings(args.data):  # shards written by make_subset --src builtin: the ground truth travels along
+        images, captions, scenes = shard_scene_pairs(args.data, args.n, cfg.image_size)
+        row["data_bad_samples"] = {}
     else:
         images, captions, bad = source_pairs(args.data, args.n, cfg.image_size)
         scenes, row["data_bad_samples"] = None, bad
@@ -202,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint.pt to evaluate; repeat to compare several side by side")
     p.add_argument("--data", default="builtin", help="'builtin' (grounded shapes val split) or any minifilip.data "
-                   "source: a TSV list (columns filepath, title), tar shards, an img2dataset folder (retrieval only; "
-                   "pointing needs the built-in ground truth)")
+                   "source: a TSV list (columns filepath, title), tar shards, an img2dataset folder (retrieval only, "
+                   "unless the shards carry groundings: make_subset --src builtin writes such shards, and then "
+                   "pointing, segmentation and binding are scored on them too)")
     p.add_argument("--n", type=int, default=1000, help="retrieval pairs / pointing-game scenes")
     p.add_argument("--caption-style", default=None, choices=list(CAPTION_STYLES),
                    help="built-in data: the held-out captions' style (default: the one the checkpoint was trained "

@@ -2,14 +2,16 @@
 
 Everything a run produces lands in its output folder:
     checkpoint.pt   state_dict + config + tokenizer (+ optimizer, step, args) - loads with weights_only=True
-    metrics.jsonl   one JSON line per logged step
+    metrics.jsonl   one JSON line per logged step (loss, lr, img_per_s, data_wait_frac: the share of the wall
+                    time the loop waited for the data loader, ...)
     loss.png        the training loss curve
     final.json      held-out retrieval (R@1/R@5 both ways, chance level), training time, preset, loss
     vocab.json      (real data only) the word vocabulary fitted on the training captions
 
 Data: the built-in grounded shapes by default; --train-data / --val-data read webdataset tar shards, TSV/CSV
-lists or img2dataset folders (minifilip/data/sources.py, README.md, "Training on CC3M"). With real data the stream is
-reproducible from (seed, epoch); --resume restarts the stream at the beginning of the epoch it stopped in.
+lists or img2dataset folders (minifilip/data/sources.py, README.md, "Training on CC3M"). With real data the checkpoint
+stores where each loader worker stands in its shard order, and --resume continues from the next unseen sample (an
+older checkpoint, another --num-workers or torchrun restart the epoch it stopped in, with a note).
 
 Reading order: `train` is setup -> build_model -> open_train_data -> train_steps -> final_report, and
 `train_steps` is the loop, one step in five phases: the batch, the learning rate, forward + backward + optimizer
@@ -37,6 +39,8 @@ from .config import PRESETS, FILIPConfig
 from .data.builtin import BuiltinTrainStream, builtin_val_pairs
 from .data.decode import split_counts
 from .data.grounded import CAPTION_STYLES, vocabulary
+from .data.grounded_shards import has_groundings, read_scenes
+from .data.transforms import images_to_tensor, normalize_uint8
 from .data.sources import (CsvOptions, check_source, eval_stream, is_builtin, iter_captions, load_pairs, make_loader,
                            train_stream)
 from .evaluate import retrieval
@@ -105,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, metavar="K",
                    help="every K steps (and at step 0, the untrained network) score held-out pointing game + "
                         "retrieval R@1 into metrics.jsonl, draw alignment.png and keep the best-retrieval "
-                        "checkpoint as best.pt; 0 = off (real data: retrieval only)")
+                        "checkpoint as best.pt; 0 = off (real data: retrieval only, unless the shards carry "
+                        "groundings: make_subset --src builtin)")
     p.add_argument("--eval-size", type=int, default=300,
                    help="held-out scenes / pairs scored by --eval-every (the first of the val split)")
     d = p.add_argument_group("real data (see the README section 'Training on CC3M')")
@@ -307,26 +312,43 @@ class Progress:
 
 
 class TrainData:
-    """The training batches, in one shape for every source: (images, captions, keys, counts), where counts are
-    the bad / converted samples met since the last batch (always empty for the built-in data). It sums the
-    counts over the run, and turns them into log fields."""
+    """The training batches, in one shape for every source: (images, captions, keys, counts[, position]), where
+    counts are the bad / converted samples met since the last batch (always empty for the built-in data) and
+    position (real data) is where the batch's loader slot stands in its shard order. It sums the counts over the
+    run, turns them into log fields, and keeps every slot's latest position for the checkpoint."""
 
-    def __init__(self, batches: Iterator, batch_size: int, epoch_len: int | None, counts: dict):
+    def __init__(self, batches: Iterator, batch_size: int, epoch_len: int | None, counts: dict,
+                 positions: dict | None = None):
         self.batches, self.batch_size = batches, batch_size
         self.epoch_len = epoch_len  # samples per epoch of real data; None for the built-in stream, which never ends
         self.counts = dict(counts)  # bad / converted samples by reason, over the whole run
+        self.positions = positions  # {"slots": n, "at": {slot: [epoch, consumed]}} or None (no exact resume)
+        self.last_keys: list[str] = []  # the keys of the latest batch (what tests check resume against)
 
     def next_batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
         """(images (B, 3, S, S), captions) of the next batch."""
         try:
-            images, captions, _keys, counts = next(self.batches)
+            images, captions, self.last_keys, counts, *position = next(self.batches)
         except StopIteration:
             raise ValueError(f"the training data ran out at step {step}: no worker found a usable sample "
                              f"(bad samples so far: {split_counts(self.counts)[0]})") from None
+        if position and self.positions is not None:
+            slot, _slots, epoch, consumed = position[0]
+            self.positions["at"][int(slot)] = [int(epoch), int(consumed)]
+            self.positions["last_slot"] = int(slot)
         counts = distributed.sum_counts(counts)  # [distributed] every rank's bad samples, on every rank
         for reason, n in counts.items():
             self.counts[reason] = self.counts.get(reason, 0) + n
         return images, captions
+
+    def checkpoint_position(self) -> dict:
+        """For checkpoint.pt: {"data_position": {"slots": n, "positions": [[slot, epoch, consumed], ...]}} (plain
+        ints, so the file still loads with weights_only=True); {} when this run cannot resume exactly."""
+        if self.positions is None:
+            return {}
+        at = self.positions["at"]
+        return {"data_position": {"slots": self.positions["slots"], "last_slot": self.positions["last_slot"],
+                                  "positions": [[slot, *at[slot]] for slot in sorted(at)]}}
 
     def log_fields(self, step: int) -> dict:
         """Epoch and bad / converted sample counts for metrics.jsonl (none for the built-in data)."""
@@ -437,18 +459,18 @@ def open_train_data(run: Run, step: int, counts: dict) -> TrainData:
     """The batches from step `step` on: the built-in stream, or a DataLoader over --train-data."""
     args = run.args
     if real_data(args):
-        batches, epoch_len = open_real_data(args, run.config, run.tokenizer, run.device, step)
-    else:
-        batches, epoch_len = iter(BuiltinTrainStream(args.batch_size, run.config.image_size, seed=args.seed,
-                                                     start_step=step, rank=distributed.rank(),
-                                                     world_size=distributed.world_size(),  # [distributed]
-                                                     caption_style=caption_style(args))), None
-    return TrainData(batches, args.batch_size, epoch_len, counts)
+        saved = (run.ckpt or {}).get("data_position")
+        batches, epoch_len, positions = open_real_data(args, run.config, run.tokenizer, run.device, step, saved)
+        return TrainData(batches, args.batch_size, epoch_len, counts, positions)
+    batches = iter(BuiltinTrainStream(args.batch_size, run.config.image_size, seed=args.seed, start_step=step,
+                                      rank=distributed.rank(), world_size=distributed.world_size(),  # [distributed]
+                                      caption_style=caption_style(args)))
+    return TrainData(batches, args.batch_size, None, counts)
 
 
 def save_run(run: Run, model: FILIP, optimizer, progress: Progress, data: TrainData) -> None:
     """checkpoint.pt: everything --resume needs to continue as if never stopped."""
-    extra = {"data_counts": data.counts} if real_data(run.args) else {}
+    extra = {"data_counts": data.counts, **data.checkpoint_position()} if real_data(run.args) else {}
     extra.update(distributed.rng_states())  # [distributed] every rank's generator (a collective)
     if not distributed.is_main():  # [distributed] only rank 0 writes
         return
@@ -487,12 +509,17 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
     stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
     bar = tqdm(total=args.steps, initial=progress.step, desc="train", dynamic_ncols=True,
                disable=None if distributed.is_main() else True)  # [distributed]
-    window_start, window_images = time.time(), 0  # throughput since the last metrics line
+    # throughput and loader wait since the last metrics line; the wait is the time from the end of the previous
+    # step to having the next batch in hand (a loader that keeps up hands it over at once)
+    window_start, window_images, window_wait = time.time(), 0, 0.0
     while progress.step < stop:
         t0 = time.time()
         # ---- the batch: images to the device, captions to token ids
         images, captions = data.next_batch(progress.step)
+        window_wait += time.time() - t0
         images = images.to(device, non_blocking=True)
+        if images.dtype == torch.uint8:  # real data arrives as uint8 (4x fewer bytes): normalise on the device
+            images = normalize_uint8(images)
         ids = run.tokenizer.encode(captions, run.config.context_length).to(device)
         # ---- the learning rate of this step
         for group in optimizer.param_groups:
@@ -514,20 +541,24 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
             hint = "lower --lr" if run.precision == "fp32" else "lower --lr or use --precision fp32"
             raise ValueError(f"loss became {loss_value} at step {progress.step}; {hint} (checkpoint.pt keeps the "
                              "last saved step)")
-        img_per_s = window_images / (time.time() - window_start)
+        window_seconds = time.time() - window_start
+        img_per_s, wait_frac = window_images / window_seconds, min(1.0, window_wait / window_seconds)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", **data.postfix(progress.step))
+        bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", wait=f"{wait_frac:.0%}",
+                        **data.postfix(progress.step))
         if (progress.step % args.log_every == 0 or progress.step == args.steps) and distributed.is_main():
             row = {"step": progress.step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                    "temperature": 1.0 / model.inverse_temperature.item(), "img_per_s": img_per_s,
-                   "train_seconds": progress.train_seconds}
+                   "data_wait_frac": wait_frac, "train_seconds": progress.train_seconds}
             if device.type == "cuda":
                 row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             append_jsonl(run.metrics_path, {**row, **data.log_fields(progress.step)})
-            window_start, window_images = time.time(), 0
+            window_start, window_images, window_wait = time.time(), 0, 0.0
         # ---- held-out alignment every --eval-every steps (metrics.jsonl, alignment.png, best.pt)
         if tracker is not None and (progress.step % args.eval_every == 0 or progress.step == args.steps):
+            t_eval = time.time()
             track_alignment(run, model, tracker, progress)
+            window_start += time.time() - t_eval  # evaluating is not training: keep it out of img/s and the wait
         # ---- checkpoint every --save-every steps and where this invocation stops
         if progress.step % args.save_every == 0 or progress.step == stop:
             save_run(run, model, optimizer, progress, data)
@@ -536,11 +567,15 @@ def train_steps(run: Run, model: FILIP, optimizer, data: TrainData, progress: Pr
 
 def make_tracker(run: Run) -> alignment.AlignmentTracker:
     """The fixed held-out set --eval-every scores: the first --eval-size built-in val scenes (pointing game +
-    retrieval), or the first --eval-size pairs of --val-data / --train-data (retrieval only)."""
+    retrieval), or the first --eval-size pairs of --val-data / --train-data (retrieval only, or pointing game +
+    retrieval when those are shards with groundings, see make_subset --src builtin)."""
     args, size = run.args, run.config.image_size
-    if real_data(args):
-        images, captions, _keys, _counts = load_pairs(args.val_data or args.train_data, args.eval_size, size,
-                                                      csv_options(args))
+    spec = args.val_data or args.train_data
+    if real_data(args) and has_groundings(spec):  # shards of built-in scenes: the pointing game too
+        _keys, scenes, _skipped = read_scenes(spec, args.eval_size, size)
+        images, captions = images_to_tensor([sc.image for sc in scenes]), [sc.captions[0] for sc in scenes]
+    elif real_data(args):
+        images, captions, _keys, _counts = load_pairs(spec, args.eval_size, size, csv_options(args))
         scenes = None
     else:
         images, captions, scenes = builtin_val_pairs(args.eval_size, size, seed=args.seed,
@@ -599,11 +634,13 @@ def final_report(run: Run, model: FILIP, progress: Progress, data: TrainData) ->
     return final
 
 
-def open_real_data(args, config, tokenizer, device, step: int):
-    """Check both sources, save the vocabulary, and return (batch iterator, samples per epoch).
-    Everything that can be wrong with the data fails here, in one line, before the first step."""
+def open_real_data(args, config, tokenizer, device, step: int, saved_position: dict | None = None):
+    """Check both sources, save the vocabulary, and return (batch iterator, samples per epoch, positions: see
+    TrainData). Everything that can be wrong with the data fails here, in one line, before the first step.
+    saved_position: the checkpoint's "data_position"; each loader slot continues after the last sample it
+    delivered, so a stopped and resumed run sees every sample of the epoch exactly once."""
     csv = csv_options(args)
-    stream = train_stream(args.train_data, config.image_size, seed=args.seed, csv=csv,
+    stream = train_stream(args.train_data, config.image_size, seed=args.seed, csv=csv, uint8=True,
                           shuffle_buffer=args.shuffle_buffer, rank=distributed.rank(),
                           world_size=distributed.world_size())  # [distributed] disjoint units per rank
     check_source(stream, args.train_data)
@@ -616,16 +653,32 @@ def open_real_data(args, config, tokenizer, device, step: int):
     epoch_len = stream.epoch_length()
     if not epoch_len:
         raise ValueError(f"{args.train_data} holds no samples")
-    # resume: the stream is reproducible from (seed, epoch), so restart at the start of the current epoch
+    workers = auto_workers(args.num_workers, device)
+    slots = max(1, workers) * distributed.world_size()  # [distributed] every rank's workers
     stream.start_epoch = step * args.batch_size // epoch_len
+    positions = {"slots": slots, "last_slot": slots - 1, "at": {s: [stream.start_epoch, 0] for s in range(slots)}}
+    if distributed.world_size() > 1:  # [distributed] each rank knows only its own slots: restart the epoch
+        positions = None
+    if step and positions is not None and saved_position and saved_position.get("slots") == slots:
+        stream.resume_positions = {int(s): (int(e), int(c)) for s, e, c in saved_position["positions"]}
+        positions["at"].update({s: list(p) for s, p in stream.resume_positions.items()})
+        positions["last_slot"] = int(saved_position.get("last_slot", slots - 1))
+        stream.worker_rotation = (positions["last_slot"] + 1) % slots  # the next batch's slot comes first
+        print(f"resuming the data exactly where each of the {slots} loader slots stopped")
+    elif step:  # older checkpoint, another --num-workers, or torchrun: the stream is reproducible from (seed, epoch)
+        why = "it stores no loader position" if not saved_position else \
+            f"its loader position is for {saved_position.get('slots')} slots, not {slots}" if positions else \
+            "exact data resume is for one process"
+        print(f"note: the checkpoint cannot resume the data exactly ({why}): restarting epoch {stream.start_epoch} "
+              "from its beginning")
+    stream.track_positions = positions is not None
     if distributed.is_main():  # [distributed]
         tokenizer.save(os.path.join(args.out, "vocab.json"))
-    workers = auto_workers(args.num_workers, device)
     print(f"train data: {args.train_data}: ~{epoch_len} samples per epoch ({epoch_len // args.batch_size} steps), "
           f"{workers} loader workers, vocabulary of {len(tokenizer)} words")
     loader = make_loader(stream, args.batch_size // distributed.world_size(), workers,  # [distributed]
-                         pin_memory=device.type == "cuda")
-    return iter(loader), epoch_len
+                         pin_memory=device.type == "cuda", seed=args.seed)
+    return iter(loader), epoch_len, positions
 
 
 def print_table(final: dict) -> None:

@@ -1,6 +1,10 @@
 """Cut a reproducible random subset of an image-text source into new shards, optionally pre-resized.
 
     python -m minifilip.data.make_subset --src 'cc3m/{00000..00331}.tar' --n 100000 --size 128 --out cc3m_100k/
+    python -m minifilip.data.make_subset --src builtin --n 50000 --size 224 --out scenes224/ --workers 15
+
+The second form writes the built-in grounded scenes (rendered at --size px) with their ground truth (object masks,
+word groundings, all captions), see grounded_shards.py: real-data training and the pointing game on shards.
 
 Why: small-scale experiments (a 100k subset, 64-128 px models) spend most of their data time decoding 256-px
 or full-size JPEGs only to shrink them again. Re-encoding each image once with its shorter side at --size makes
@@ -30,7 +34,9 @@ from ..cli import DefaultsHelpFormatter, one_line
 from ..runs import check_output_folder
 from .decode import BadSample, decode_captions, decode_image, split_counts
 from .shards import group_to_raw, iter_tar_groups, shard_sizes
-from .sources import CsvOptions, list_dataset, shard_files, source_kind
+from .grounded import SPLITS
+from .grounded_shards import write_builtin
+from .sources import CsvOptions, is_builtin, list_dataset, shard_files, source_kind
 from .writer import ShardWriter
 
 
@@ -98,12 +104,27 @@ def prepare_out(out: str, overwrite: bool = False) -> None:
         os.remove(os.path.join(out, name))
 
 
+def write_summary(out: str, summary: dict) -> None:
+    path = os.path.join(out, "subset.json")
+    with open(path + ".tmp", "w") as f:  # temp + rename: a killed run leaves no half summary
+        json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def make_subset(src: str, out: str, n: int, size: int = 0, seed: int = 0, quality: int = 90,
                 samples_per_shard: int = 10_000, csv: CsvOptions | None = None, progress: bool = True,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, split: str = "train", workers: int = 1) -> dict:
     """Write the subset; returns a summary dict (also saved as out/subset.json). An `out` that already holds
-    shards is refused unless overwrite (see prepare_out)."""
+    shards is refused unless overwrite (see prepare_out). src "builtin": the first n scenes of `split` rendered
+    at `size` px (default 64) with their ground truth, `workers` processes rendering (grounded_shards.py)."""
     check_output_folder(out)
+    if is_builtin(src):
+        if split not in SPLITS:
+            raise ValueError(f"--split must be one of {list(SPLITS)}, got {split!r}")
+        prepare_out(out, overwrite)
+        summary = write_builtin(out, n, size or 64, seed, split, quality, samples_per_shard, workers, progress)
+        write_summary(out, summary)
+        return summary
     kind = source_kind(src)
     total = sum(shard_sizes(shard_files(src))) if kind == "shards" else len(list_dataset(src, kind, csv))
     if total == 0:
@@ -137,8 +158,7 @@ def make_subset(src: str, out: str, n: int, size: int = 0, seed: int = 0, qualit
     bad, converted = split_counts(counts)
     summary = {"src": src, "n_requested": n, "n_written": writer.total, "source_total": total, "seed": seed,
                "size": size, "shards": len(writer.paths), "bad": bad, "converted": converted}
-    with open(f"{out.rstrip('/')}/subset.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(out, summary)
     return summary
 
 
@@ -147,27 +167,34 @@ def main(argv=None) -> int:
                                 description="Cut a seeded random subset of an image-text source (tar shards, "
                                             "TSV/CSV list or img2dataset folder) into new img2dataset-style shards.",
                                 formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--src", required=True, help="source spec, e.g. 'cc3m/{00000..00331}.tar' (see sources.py)")
+    p.add_argument("--src", required=True, help="source spec, e.g. 'cc3m/{00000..00331}.tar' (see sources.py), or "
+                   "'builtin': the built-in grounded scenes with their masks and word groundings")
     p.add_argument("--out", required=True, help="output folder for 00000.tar, 00000_stats.json, ...; a folder that "
                    "already holds shards is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="remove the shards (*.tar, *_stats.json, subset.json) already in --out first")
     p.add_argument("--n", type=int, required=True, help="samples to draw")
     p.add_argument("--size", type=int, default=0,
-                   help="re-encode as JPEG with the shorter side at most SIZE px (0 = copy the bytes as they are)")
+                   help="re-encode as JPEG with the shorter side at most SIZE px (0 = copy the bytes as they are); "
+                        "--src builtin: the side the scenes are rendered at (0 = 64)")
     p.add_argument("--seed", type=int, default=0, help="the same seed and source give the same subset")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     p.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per output shard")
+    p.add_argument("--split", default="train", choices=sorted(SPLITS),
+                   help="--src builtin: the scene split (train, or val for held-out evaluation shards)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="--src builtin: processes rendering scenes (the output is the same for any number)")
     p.add_argument("--csv-img-key", default="filepath", help="image-path column of a TSV/CSV source")
     p.add_argument("--csv-caption-key", default="title", help="caption column of a TSV/CSV source")
     p.add_argument("--csv-separator", default="\t", help="field separator of a TSV/CSV source (default: a tab)")
     args = p.parse_args(argv)
     try:
-        if args.n <= 0 or args.size < 0:
-            raise ValueError("--n must be positive and --size non-negative")
+        if args.n <= 0 or args.size < 0 or args.workers < 1:
+            raise ValueError("--n and --workers must be positive and --size non-negative")
         summary = make_subset(args.src, args.out, args.n, args.size, args.seed, args.quality,
                               args.samples_per_shard, CsvOptions(args.csv_img_key, args.csv_caption_key,
-                                                                 args.csv_separator), overwrite=args.overwrite)
+                                                                 args.csv_separator), overwrite=args.overwrite,
+                              split=args.split, workers=args.workers)
     except (ValueError, FileNotFoundError) as e:
         print(f"make_subset: error: {one_line(e)}", file=sys.stderr)
         return 2

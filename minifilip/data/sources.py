@@ -89,9 +89,10 @@ def open_stream(spec: str, transform, *, csv: CsvOptions | None = None, shuffle_
 
 
 def train_stream(spec: str, image_size: int, seed: int = 0, start_epoch: int = 0, autoaugment: bool = True,
-                 **kwargs) -> SampleStream:
-    """The training stream: shuffled, random crops + AutoAugment, forever from `start_epoch`."""
-    return open_stream(spec, train_transform(image_size, autoaugment), shuffle=True, seed=seed,
+                 uint8: bool = False, **kwargs) -> SampleStream:
+    """The training stream: shuffled, random crops + AutoAugment, forever from `start_epoch`. uint8: images come
+    as uint8 tensors, for transforms.normalize_uint8 on the device (train.py does this)."""
+    return open_stream(spec, train_transform(image_size, autoaugment, uint8=uint8), shuffle=True, seed=seed,
                        start_epoch=start_epoch, min_side=image_size, draft_side=draft_side_for(image_size, True),
                        **kwargs)
 
@@ -103,13 +104,15 @@ def eval_stream(spec: str, image_size: int, epochs: int | None = 1, **kwargs) ->
 
 
 def make_loader(stream: SampleStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
-                prefetch_factor: int = 4) -> DataLoader:
-    """Batches (images (B, 3, S, S), captions, keys, counts) from a stream. Workers run one thread each and
-    stay alive across epochs (the stream itself loops over epochs, so they are never re-forked)."""
+                prefetch_factor: int = 4, seed: int = 0) -> DataLoader:
+    """Batches (images (B, 3, S, S), captions, keys, counts[, position]) from a stream. Workers run one thread
+    each and stay alive across epochs (the stream itself loops over epochs, so they are never re-forked).
+    The loader's own generator (from `seed`) draws its worker seed, so starting it takes nothing from the
+    process's torch generator (a resumed run's dropout stays in step with an uninterrupted one)."""
     extra = dict(persistent_workers=True, prefetch_factor=prefetch_factor, worker_init_fn=worker_init_fn) \
         if num_workers > 0 else {}
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, drop_last=True, **extra)
+                      pin_memory=pin_memory, drop_last=True, generator=torch.Generator().manual_seed(seed), **extra)
 
 
 def check_source(stream: SampleStream, spec: str, max_tries: int = 256) -> None:

@@ -52,8 +52,8 @@ class ShardWriter:
         self.tar = None
 
     def write(self, image: bytes, caption: str | bytes, ext: str = "jpg", extra_captions=(),
-              meta: dict | None = None, key: str | None = None) -> str:
-        """Append one sample; returns its key."""
+              meta: dict | None = None, key: str | None = None, extra_members: dict | None = None) -> str:
+        """Append one sample; returns its key. extra_members: {ext: bytes} written as KEY.ext (e.g. "seg.png")."""
         if self.tar is None or self.index >= self.per_shard:
             self._roll()
         key = key or f"{self.shard * 10_000 + self.index:09d}"
@@ -63,6 +63,8 @@ class ShardWriter:
             add_member(self.tar, f"{key}.{i}.txt", extra if isinstance(extra, bytes) else extra.encode("utf-8"))
         if meta is not None:
             add_member(self.tar, f"{key}.json", json.dumps({"key": key, **meta}).encode("utf-8"))
+        for ext_, data in (extra_members or {}).items():
+            add_member(self.tar, f"{key}.{ext_}", data)
         self.index += 1
         self.total += 1
         return key
