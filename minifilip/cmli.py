@@ -92,17 +92,22 @@ def _triton_usable(device: torch.device) -> bool:
     return cmli_triton is not None and (device.type == "cuda" or cmli_triton.INTERPRET)
 
 
-def late_interaction_triton(image_tokens, image_mask, text_tokens, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused Triton CMLI (minifilip/kernels/cmli_triton.py): scores never in GPU memory, arg-max backward.
-
-    Needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, to run on the CPU for tests).
-    """
-    if not _triton_usable(image_tokens.device):
+def _check_triton_inputs(usable: bool, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> None:
+    """The one-line errors of every impl='triton' entry point: no usable Triton here, or unsupported dtypes."""
+    if not usable:
         raise ValueError("impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 before importing "
                          "triton); use impl='chunked'")
     if image_tokens.dtype != text_tokens.dtype or image_tokens.dtype not in HALF_OR_FLOAT:
         raise ValueError(f"impl='triton' takes float32/float16/bfloat16 inputs of one dtype, got "
                          f"{image_tokens.dtype} and {text_tokens.dtype}")
+
+
+def late_interaction_triton(image_tokens, image_mask, text_tokens, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused Triton CMLI (minifilip/kernels/cmli_triton.py): scores never in GPU memory, arg-max backward.
+
+    Needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, to run on the CPU for tests).
+    """
+    _check_triton_inputs(_triton_usable(image_tokens.device), image_tokens, text_tokens)
     return load_triton().TritonLateInteraction.apply(image_tokens, image_mask, text_tokens, text_mask)
 
 
@@ -181,12 +186,7 @@ def _ranking_usable(device: torch.device) -> bool:
 
 def _token_max_similarity_triton(image_tokens, image_mask, text_tokens, text_mask):
     """token_max_similarity through the fused kernel (minifilip/kernels/ranking_triton.py)."""
-    if not _ranking_usable(image_tokens.device):
-        raise ValueError("impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 before importing "
-                         "triton); use impl='chunked'")
-    if image_tokens.dtype != text_tokens.dtype or image_tokens.dtype not in HALF_OR_FLOAT:
-        raise ValueError(f"impl='triton' takes float32/float16/bfloat16 inputs of one dtype, got "
-                         f"{image_tokens.dtype} and {text_tokens.dtype}")
+    _check_triton_inputs(_ranking_usable(image_tokens.device), image_tokens, text_tokens)
     return load_ranking_triton().token_max_similarity(image_tokens, image_mask, text_tokens, text_mask)
 
 

@@ -15,14 +15,6 @@ from minifilip.train import main
 from test_data_shards import clean_shards
 
 
-@pytest.fixture
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def keys_and_positions(stream, batches, workers=2, batch=3):
     keys, positions, last = [], {}, None
     loader = make_loader(stream, batch, workers)

@@ -22,13 +22,6 @@ def run(*args):
     return proc
 
 
-@pytest.fixture
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 FAST = ["--steps", "20", "--batch-size", "8", "--val-size", "6", "--log-every", "10", "--save-every", "10",
         "--warmup", "2", "--num-workers", "1"]
 

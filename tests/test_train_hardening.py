@@ -14,11 +14,8 @@ FAST = ["--steps", "2", "--batch-size", "4", "--val-size", "4", "--log-every", "
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny step on a busy 2-core box is faster with one thread
+def _one_thread(one_thread):  # every test here: a tiny step on a busy 2-core box is faster with one thread
     yield
-    torch.set_num_threads(saved)
 
 
 def fails(argv, capsys, *messages):

@@ -9,23 +9,23 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 
 @functools.cache
-def load_triton():
-    """The `cmli_triton` module, or None when Triton cannot be imported (CPU-only installs may lack it)."""
+def _load(name: str):
+    """Import kernels.<name> on first use, or None when Triton cannot be imported (CPU-only installs may lack it)."""
     try:
-        from . import cmli_triton
+        return importlib.import_module(f"{__name__}.{name}")
     except ImportError:  # pragma: no cover - depends on the install
         return None
-    return cmli_triton
 
 
-@functools.cache
+def load_triton():
+    """The `cmli_triton` module, or None when Triton cannot be imported."""
+    return _load("cmli_triton")
+
+
 def load_ranking_triton():
     """The `ranking_triton` module, or None when Triton cannot be imported."""
-    try:
-        from . import ranking_triton
-    except ImportError:  # pragma: no cover - depends on the install
-        return None
-    return ranking_triton
+    return _load("ranking_triton")
