@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from minifilip import FILIP, FILIPConfig, cmli, distributed
+from minifilip import cmli, distributed
 from minifilip.loss import info_nce
+from test_gradcache import grads_of, make_model, max_rel_err
+from test_gradcache import make_batch as random_batch
 
 WORLD, B = 2, 8  # 2 ranks x 4 pairs
 
@@ -37,42 +39,13 @@ def join(rank, port):
     assert args.out == "from-rank-0" and distributed.world_size() == WORLD and distributed.rank() == rank
 
 
-def make_model(**overrides):
-    torch.manual_seed(0)
-    cfg = FILIPConfig.preset("tiny", image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_heads=2,
-                             text_width=32, text_layers=2, text_heads=2, embed_dim=16, vocab_size=40,
-                             context_length=10, **overrides)
-    return FILIP(cfg).train()
-
-
-def make_batch(cfg, seed=1):
-    """(B, 3, S, S) images and (B, L) ids with captions of random lengths; the same on every rank."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
-    ids = torch.zeros(B, cfg.context_length, dtype=torch.long)  # BOS words EOS PAD ...
-    for i, k in enumerate(torch.randint(1, cfg.context_length - 1, (B,), generator=g).tolist()):
-        ids[i, 0], ids[i, k + 1] = 1, 2
-        ids[i, 1:k + 1] = torch.randint(4, cfg.vocab_size, (k,), generator=g)
-    return images, ids
-
-
-def grads_of(model):
-    out = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def max_rel_err(a, b):
-    return max(((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-30)).item() for n in b)
-
-
 # ---------------------------------------------------------------------- gradients of a whole training step
 def _step_worker(rank, port):
     join(rank, port)
     mine = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     for loss_kind in ("filip", "clip", "clip+filip"):
         model = make_model(loss=loss_kind)
-        images, ids = make_batch(model.config)
+        images, ids = random_batch(model, B)
         ref_loss = model.loss(images, ids)  # one process, the whole global batch
         ref_loss.backward()
         ref = grads_of(model)
@@ -109,7 +82,7 @@ def local_selection_reference(img, img_mask, txt, txt_mask, ratio):
 def _features_worker(rank, port):
     join(rank, port)
     model = make_model(token_keep_ratio=0.4)
-    images, ids = make_batch(model.config, seed=2)
+    images, ids = random_batch(model, B, seed=2)
     with torch.no_grad():
         img, img_mask = model.encode_image(images)  # (B, N, D): the global batch, computed once
         txt, txt_mask = model.encode_text(ids)      # (B, M, D)
