@@ -35,8 +35,7 @@ from .checkpoint import load_model
 from .cli import DefaultsHelpFormatter, Parser, one_line, parse_device
 from .data.builtin import builtin_val_pairs, find_val_scenes
 from .data.grounded import CAPTION_STYLES
-from .data.grounded_shards import has_groundings, read_scenes
-from .data.transforms import images_to_tensor
+from .data.grounded_shards import has_groundings, scene_pairs
 from .runs import check_output_file, check_output_folder
 from .metrics import retrieval_metrics
 
@@ -77,14 +76,6 @@ def source_pairs(spec: str, n: int, image_size: int):
     return images, captions, bad
 
 
-def shard_scene_pairs(spec: str, n: int, image_size: int):
-    """(images, first captions, scenes) of the first n grounded samples of shards (grounded_shards.py)."""
-    _keys, scenes, skipped = read_scenes(spec, n, image_size)
-    if skipped:
-        print(f"{spec}: skipped {skipped} samples without groundings", file=sys.stderr)
-    return images_to_tensor([sc.image for sc in scenes]), [sc.captions[0] for sc in scenes], scenes
-
-
 def write_figures(model, tokenizer, name: str, folder: str) -> list[str]:
     """Fig. 4 view + heatmaps for the fixed val scenes; grounded words (colour, shape) highlighted."""
     from . import visualize
@@ -111,7 +102,7 @@ def evaluate_checkpoint(path: str, name: str, args) -> dict:
         images, captions, scenes = builtin_val_pairs(args.n, cfg.image_size, caption_style=style)
         row["caption_style"] = style
     elif has_groundings(args.data):  # shards written by make_subset --src builtin: the ground truth travels along
-        images, captions, scenes = shard_scene_pairs(args.data, args.n, cfg.image_size)
+        images, captions, scenes = scene_pairs(args.data, args.n, cfg.image_size)
         row["data_bad_samples"] = {}
     else:
         images, captions, bad = source_pairs(args.data, args.n, cfg.image_size)

@@ -39,8 +39,8 @@ from .config import PRESETS, FILIPConfig
 from .data.builtin import BuiltinTrainStream, builtin_val_pairs
 from .data.decode import split_counts
 from .data.grounded import CAPTION_STYLES, vocabulary
-from .data.grounded_shards import has_groundings, read_scenes
-from .data.transforms import images_to_tensor, normalize_uint8
+from .data.grounded_shards import has_groundings, scene_pairs
+from .data.transforms import normalize_uint8
 from .data.sources import (CsvOptions, check_source, eval_stream, is_builtin, iter_captions, load_pairs, make_loader,
                            train_stream)
 from .evaluate import retrieval
@@ -572,8 +572,7 @@ def make_tracker(run: Run) -> alignment.AlignmentTracker:
     args, size = run.args, run.config.image_size
     spec = args.val_data or args.train_data
     if real_data(args) and has_groundings(spec):  # shards of built-in scenes: the pointing game too
-        _keys, scenes, _skipped = read_scenes(spec, args.eval_size, size)
-        images, captions = images_to_tensor([sc.image for sc in scenes]), [sc.captions[0] for sc in scenes]
+        images, captions, scenes = scene_pairs(spec, args.eval_size, size)
     elif real_data(args):
         images, captions, _keys, _counts = load_pairs(spec, args.eval_size, size, csv_options(args))
         scenes = None

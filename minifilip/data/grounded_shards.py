@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections import Counter
 from typing import Iterator
 
@@ -29,6 +30,7 @@ from PIL import Image
 
 from .grounded import Grounding, Scene, render_scene
 from .shards import iter_tar_groups
+from .transforms import images_to_tensor
 
 SEG_EXT = "seg.png"  # member extension of the label image (not an image the loader would train on: not in IMAGE_EXTS)
 
@@ -126,6 +128,15 @@ def read_scenes(spec: str, n: int, image_size: int | None = None) -> tuple[list[
     if not scenes:
         raise ValueError(f"{spec!r} holds no samples with groundings (write them with make_subset --src builtin)")
     return keys, scenes, skipped
+
+
+def scene_pairs(spec: str, n: int, image_size: int):
+    """(images (n, 3, S, S), first captions, scenes) of the first n grounded samples of shards, as
+    `builtin_val_pairs` gives them for the rendered val split; samples without groundings are counted, not lost."""
+    _keys, scenes, skipped = read_scenes(spec, n, image_size)
+    if skipped:
+        print(f"{spec}: skipped {skipped} samples without groundings", file=sys.stderr)
+    return images_to_tensor([sc.image for sc in scenes]), [sc.captions[0] for sc in scenes], scenes
 
 
 def has_groundings(spec: str) -> bool:
